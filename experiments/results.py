@@ -1,0 +1,137 @@
+"""The run record, `result.json`: one self-describing file per run directory (schema in README).
+
+It is written atomically at the start of a run as `failed` ("did not finish"), then rewritten as
+`ok` or `failed` with the error when the run ends, so a crash, an interrupt or even a SIGKILL
+leaves a valid record that says the run failed, never a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import resource
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from experiments.cache import atomic_write_json
+
+SCHEMA_VERSION = 1
+RESULT_FILE = "result.json"
+NOT_FINISHED = "the run did not finish: it was killed, or is still running"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Hash of what determines the numbers: the resolved config without paths and logging."""
+    relevant = {k: v for k, v in config.items() if k not in ("paths", "logger", "tags", "hydra")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("quantlab", "torch", "transformers", "accelerate", "datasets", "hydra-core", "lm-eval", "gguf"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is in kilobytes on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunRecord:
+    run_dir: Path
+    config: dict[str, Any]
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        method = cfg.get("method", {})
+        self.data = {
+            "schema_version": SCHEMA_VERSION,
+            "status": "failed",
+            "error": NOT_FINISHED,
+            "name": cfg.get("name"),
+            "started_at": now(),
+            "finished_at": None,
+            "config": cfg,
+            "config_hash": config_hash(cfg),
+            "model": {"name": cfg.get("model", {}).get("name"), "fingerprint": None},
+            "method": method.get("name"),
+            "bits": method.get("bits", cfg.get("bits")),
+            "group_size": method.get("group_size", cfg.get("group_size")),
+            "calib": None,
+            "eval_protocol": {},
+            "metrics": {"ppl": {}},
+            "baseline": {"ppl": {}},
+            "avg_bits": None,
+            "model_bytes": None,
+            "timings": {},
+            "peak_rss_bytes": None,
+            "peak_gpu_bytes": None,
+            "layers": [],
+            "versions": library_versions(),
+            "git_commit": git_commit(),
+            "seed": cfg.get("seed"),
+            "tags": cfg.get("tags", []),
+        }
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / RESULT_FILE
+
+    def write(self) -> None:
+        self.data["peak_rss_bytes"] = peak_rss_bytes()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                self.data["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        except ImportError:
+            pass
+        atomic_write_json(self.path, self.data)
+
+    def finish_ok(self) -> None:
+        self.data.update(status="ok", error=None, finished_at=now())
+        self.write()
+
+    def finish_failed(self, error: BaseException) -> None:
+        message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        self.data.update(
+            status="failed", error=message, traceback="".join(traceback.format_exception(error)), finished_at=now()
+        )
+        self.write()
+
+
+def read_result(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / RESULT_FILE).read_text())

@@ -1,0 +1,134 @@
+"""One run, as data flows (DESIGN.md): load, baseline, calibrate, quantize, evaluate, record.
+
+Everything here is plain Python on a validated `RunConfig`; Hydra stays in experiments/cli.py.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experiments.cache import Cache
+from experiments.data.calibration import calibration_fingerprint, calibration_samples
+from experiments.data.protocols import eval_windows
+from experiments.data.sources import dataset_variant
+from experiments.evaluate import paired_delta, perplexity, place_for_eval, release_from_eval
+from experiments.models.loading import LoadedModel, load_model
+from experiments.pipeline import QuantizationReport, quantize_model
+from experiments.results import RunRecord
+from experiments.schema import RunConfig
+from experiments.tracking import make_tracker
+from methods import get_method_class
+
+EVAL_CODE_VERSION = 1  # bump when the perplexity computation changes: invalidates cached baselines
+CALIB_SPLIT = {"c4": "train", "wikitext2": "train", "ptb": "train", "pydocs": "train"}
+
+
+def model_storage_bytes(model: torch.nn.Module, report: QuantizationReport | None) -> int:
+    """Quantized linears at their exact storage bits, every other parameter at 16 bits (fp16):
+    the size a deployed checkpoint of this model needs. Tied weights count once."""
+    quantized_numel = sum(r.shape[0] * r.shape[1] for r in report.layers) if report else 0
+    quantized_bits = sum(r.storage_bits for r in report.layers) if report else 0
+    total_numel = sum(p.numel() for p in model.parameters())
+    return (quantized_bits + 16 * (total_numel - quantized_numel)) // 8
+
+
+def _eval_sets(loaded: LoadedModel, run: RunConfig) -> dict[str, Any]:
+    ppl = run.eval.ppl
+    return {
+        dataset: eval_windows(dataset, loaded.tokenizer, ppl.seqlen, ppl.max_windows) for dataset in ppl.datasets
+    }
+
+
+def _baseline(loaded: LoadedModel, run: RunConfig, sets: dict[str, Any], record: RunRecord) -> dict[str, dict]:
+    """Full-precision perplexity per dataset, computed once per (model, eval protocol) and cached."""
+    cache = Cache("baseline")
+    results: dict[str, dict] = {}
+    seconds = 0.0
+    for dataset, windows in sets.items():
+        key = {
+            "model": loaded.fingerprint, "dtype": str(next(loaded.model.parameters()).dtype),
+            "device": loaded.device.type, "protocol": windows.protocol, "eval_code": EVAL_CODE_VERSION,
+        }
+        cached = cache.get_json(key)
+        if cached is None:
+            result = perplexity(loaded.model, loaded.architecture, windows.input_ids, run.eval.ppl.batch_size)
+            seconds += result.seconds
+            cached = result.as_dict()
+            cache.put_json(key, cached)
+        results[dataset] = cached
+    record.data["timings"]["baseline_eval_s"] = seconds
+    return results
+
+
+def execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(run_dir, config)
+    record.write()
+    tracker = make_tracker(run.logger)
+    timings = record.data["timings"]
+    try:
+        tracker.start(run_dir, run.name, config)
+        random.seed(run.seed)
+        torch.manual_seed(run.seed)
+        method_class = get_method_class(run.method_name)
+        method = method_class(run.method)
+
+        loaded = load_model(run.model, run.tokenizer_model)
+        timings["load_s"] = loaded.load_seconds
+        model = loaded.model
+        record.data["model"] = {
+            "name": run.model.name, "fingerprint": loaded.fingerprint, "model_type": model.config.model_type,
+            "family": loaded.architecture.family, "n_params": sum(p.numel() for p in model.parameters()),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": loaded.device.type,
+        }
+
+        sets = _eval_sets(loaded, run)
+        record.data["eval_protocol"] = {"ppl": {ds: w.protocol for ds, w in sets.items()}}
+        place_for_eval(model, loaded.architecture, loaded.device)
+        baseline = _baseline(loaded, run, sets, record)
+        record.data["baseline"]["ppl"] = baseline
+
+        calib_ids = None
+        if method.needs_calibration:
+            spec = run.calib.spec()
+            start = time.perf_counter()
+            calib_ids = calibration_samples(spec, loaded.tokenizer)
+            timings["calib_data_s"] = time.perf_counter() - start
+            record.data["calib"] = calibration_fingerprint(spec, dataset_variant(spec.dataset, CALIB_SPLIT[spec.dataset]))
+        release_from_eval(model)
+        start = time.perf_counter()
+        report = quantize_model(
+            model, loaded.architecture, method, calib_ids, loaded.device, run.calib.batch_size, progress=progress
+        )
+        timings["quantize_s"] = time.perf_counter() - start
+        timings.update({f"quantize_{k}": v for k, v in report.seconds.items()})
+        record.data["layers"] = [r.as_dict() for r in report.layers]
+        record.data["avg_bits"] = report.avg_bits if report.layers else 16.0
+        record.data["model_bytes"] = model_storage_bytes(model, report if report.layers else None)
+        record.data["fp16_model_bytes"] = model_storage_bytes(model, None)
+
+        place_for_eval(model, loaded.architecture, loaded.device)
+        start = time.perf_counter()
+        metrics: dict[str, dict] = {}
+        for dataset, windows in sets.items():
+            if not method.quantizes_weights:
+                metrics[dataset] = dict(baseline[dataset])
+            else:
+                metrics[dataset] = perplexity(
+                    model, loaded.architecture, windows.input_ids, run.eval.ppl.batch_size
+                ).as_dict()
+            metrics[dataset]["vs_baseline"] = paired_delta(metrics[dataset]["window_nll"], baseline[dataset]["window_nll"])
+        timings["eval_s"] = time.perf_counter() - start
+        record.data["metrics"]["ppl"] = metrics
+        record.finish_ok()
+    except BaseException as error:
+        record.finish_failed(error)
+        raise
+    finally:
+        tracker.finish(record.data)
+    return record.data

@@ -1,0 +1,160 @@
+"""Typed schemas for every config group, checked before anything heavy loads.
+
+Hydra composes the YAML; `validate` then merges each group into its dataclass (unknown keys and
+wrong types fail there, naming the group) and checks ranges, so a typo costs a second, not a
+model load. Method groups are checked against the config dataclass each method registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import methods
+from experiments.data.calibration import CalibrationSpec
+from experiments.data.protocols import EVAL_DATASETS
+from experiments.models.loading import DTYPES, ModelSpec
+from methods.base import ConfigError, MethodConfig
+
+MODEL_SOURCES = ("hub", "local", "gguf", "package_gguf", "random")
+CALIB_DATASETS = ("c4", "wikitext2", "ptb", "pydocs")
+
+
+@dataclass
+class CalibConfig:
+    dataset: str = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8
+
+    def spec(self) -> CalibrationSpec:
+        return CalibrationSpec(self.dataset, self.nsamples, self.seqlen, self.seed)
+
+
+@dataclass
+class PPLConfig:
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = 2048
+    max_windows: int | None = None
+    batch_size: int = 1
+
+
+@dataclass
+class EvalConfig:
+    ppl: PPLConfig = field(default_factory=PPLConfig)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+    project: str = "quantlab"
+    entity: str | None = None
+    mode: str = "offline"
+    group: str | None = None
+    job_type: str = "quantize"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs"
+    data_dir: str = "data"
+    cache_dir: str = "~/.cache/quantlab"
+
+
+@dataclass
+class RunConfig:
+    model: ModelSpec
+    method_name: str
+    method: MethodConfig
+    calib: CalibConfig
+    eval: EvalConfig
+    logger: LoggerConfig
+    paths: PathsConfig
+    bits: int
+    group_size: int
+    seed: int
+    name: str
+    tags: list[str]
+    tokenizer_model: ModelSpec | None = None  # for random models that borrow a tokenizer
+
+
+def _typed(schema: type, section: Any, group: str) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), section)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"config group {group!r}: {error.msg if hasattr(error, 'msg') else error}") from None
+
+
+def _choice(value: str, valid: tuple[str, ...] | list[str], what: str) -> None:
+    if value not in valid:
+        raise ConfigError(f"{what}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def _positive(value: int, what: str) -> None:
+    if value < 1:
+        raise ConfigError(f"{what}={value} must be a positive integer")
+
+
+def validate_method(section: DictConfig | dict) -> tuple[str, MethodConfig]:
+    section = OmegaConf.create(OmegaConf.to_container(section, resolve=True)) if isinstance(section, DictConfig) else OmegaConf.create(section)
+    name = section.get("name")
+    if name is None:
+        raise ConfigError("config group 'method' has no 'name'")
+    method_class = methods.get_method_class(str(name))
+    body = {k: v for k, v in section.items() if k != "name"}
+    config = _typed(method_class.config_class, body, f"method/{name}")
+    config.validate(str(name))
+    return str(name), config
+
+
+def model_spec(section: Any) -> ModelSpec:
+    spec = _typed(ModelSpec, section, "model")
+    _choice(spec.source, MODEL_SOURCES, "model.source")
+    if spec.dtype != "auto":
+        _choice(spec.dtype, tuple(DTYPES), "model.dtype")
+    return spec
+
+
+def validate(cfg: DictConfig, model_group_loader: Any = None) -> RunConfig:
+    """Check every group of a composed config; raise ConfigError naming the problem and the fix."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"config does not resolve: {error}") from None
+    assert isinstance(resolved, dict)
+    model = model_spec(resolved["model"])
+    method_name, method = validate_method(resolved["method"])
+    calib = _typed(CalibConfig, resolved["calib"], "calib")
+    _choice(calib.dataset, CALIB_DATASETS, "calib.dataset")
+    for knob in ("nsamples", "seqlen", "batch_size"):
+        _positive(getattr(calib, knob), f"calib.{knob}")
+    evaluation = _typed(EvalConfig, resolved["eval"], "eval")
+    for dataset in evaluation.ppl.datasets:
+        _choice(dataset, EVAL_DATASETS, "eval.ppl.datasets entry")
+    _positive(evaluation.ppl.seqlen, "eval.ppl.seqlen")
+    _positive(evaluation.ppl.batch_size, "eval.ppl.batch_size")
+    if evaluation.ppl.max_windows is not None:
+        _positive(evaluation.ppl.max_windows, "eval.ppl.max_windows")
+    logger = _typed(LoggerConfig, resolved["logger"], "logger")
+    _choice(logger.name, ("none", "wandb"), "logger")
+    _choice(logger.mode, ("online", "offline", "disabled"), "logger.mode")
+    paths = _typed(PathsConfig, resolved["paths"], "paths")
+    tokenizer_model = None
+    if model.source == "random":
+        if not model.tokenizer:
+            raise ConfigError(f"model {model.name!r} is random: set model.tokenizer to a model config name")
+        if model_group_loader is None:
+            raise ConfigError("random models need a loader for the model they borrow a tokenizer from")
+        tokenizer_model = model_spec(model_group_loader(model.tokenizer))
+    return RunConfig(
+        model=model, method_name=method_name, method=method, calib=calib, eval=evaluation, logger=logger,
+        paths=paths, bits=int(resolved["bits"]), group_size=int(resolved["group_size"]),
+        seed=int(resolved["seed"]), name=str(resolved["name"]), tags=list(resolved.get("tags") or []),
+        tokenizer_model=tokenizer_model,
+    )

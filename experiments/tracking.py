@@ -1,0 +1,81 @@
+"""Optional mirror of the run record to Weights & Biases (offline by default: no account needed).
+
+The tracker is always finished, even when the run fails (a known multirun failure mode otherwise:
+wandb issue #1314), and wandb failures never fail the run: the record on disk is the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from experiments.schema import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}/{key}" if prefix else str(key)  # "/" not ".": wandb splits dotted keys
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+class Tracker:
+    def start(self, run_dir: Path, name: str, config: dict[str, Any]) -> None: ...
+    def finish(self, record: dict[str, Any]) -> None: ...
+
+
+class NoTracker(Tracker):
+    pass
+
+
+class WandbTracker(Tracker):
+    def __init__(self, settings: LoggerConfig) -> None:
+        self.settings = settings
+        self.run = None
+
+    def start(self, run_dir: Path, name: str, config: dict[str, Any]) -> None:
+        import wandb
+
+        self.run = wandb.init(
+            project=self.settings.project, entity=self.settings.entity, mode=self.settings.mode,
+            group=self.settings.group, job_type=self.settings.job_type, tags=self.settings.tags or None,
+            name=name, dir=str(run_dir), config=flatten(config), reinit="finish_previous",
+            settings=wandb.Settings(start_method="thread", silent=True),
+        )
+
+    def finish(self, record: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        try:
+            summary = {"status": record["status"], "avg_bits": record.get("avg_bits"),
+                       "model_bytes": record.get("model_bytes")}
+            for dataset, ppl in record.get("metrics", {}).get("ppl", {}).items():
+                summary[f"ppl/{dataset}"] = ppl.get("value")
+            for dataset, ppl in record.get("baseline", {}).get("ppl", {}).items():
+                summary[f"baseline_ppl/{dataset}"] = ppl.get("value")
+            summary.update({f"timings/{k}": v for k, v in record.get("timings", {}).items()})
+            self.run.log({k: v for k, v in summary.items() if v is not None})
+            layers = record.get("layers") or []
+            if layers:
+                columns = ["name", "bits", "bits_per_weight", "rel_weight_error", "seconds"]
+                self.run.log({"layers": wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in layers])})
+            if record.get("error"):
+                self.run.summary["error"] = record["error"]
+        except Exception as error:  # noqa: BLE001 - tracking must never fail a finished run
+            log.warning("wandb logging failed: %s", error)
+        finally:
+            self.run.finish(exit_code=0 if record["status"] == "ok" else 1)
+            self.run = None
+
+
+def make_tracker(settings: LoggerConfig) -> Tracker:
+    return WandbTracker(settings) if settings.name == "wandb" else NoTracker()

@@ -1,0 +1,5 @@
+"""Low-bit formats: quantized weights, exact bit accounting, and (later) packed modules and kernels."""
+
+from kernels.quantized_weight import QuantizedWeight
+
+__all__ = ["QuantizedWeight"]

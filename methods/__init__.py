@@ -1,0 +1,9 @@
+"""Quantization algorithms: pure tensor math on weights and calibration statistics.
+
+No file I/O, no Hydra, no transformers imports. Importing this package registers every method.
+"""
+
+from methods import fp16, gptq, rtn  # noqa: F401  (registration side effects)
+from methods.base import REGISTRY, ConfigError, Method, MethodConfig, get_method_class, register
+
+__all__ = ["REGISTRY", "ConfigError", "Method", "MethodConfig", "get_method_class", "register"]
