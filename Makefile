@@ -33,7 +33,9 @@ run: setup
 	HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=$${HF_DATASETS_OFFLINE:-1} \
 		$(BIN)/quantlab experiment=quickstart
 
+# The offline data lives in ../shared/data beside the checkout unless QUANTLAB_DATA_DIR says otherwise.
 test: setup
+	QUANTLAB_DATA_DIR=$${QUANTLAB_DATA_DIR:-$(abspath ../shared/data)} \
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -15,7 +15,6 @@ import torch
 from experiments.cache import Cache
 from experiments.data.calibration import calibration_fingerprint, calibration_samples
 from experiments.data.protocols import eval_windows
-from experiments.data.sources import dataset_variant
 from experiments.evaluate import paired_delta, perplexity, place_for_eval, release_from_eval
 from experiments.models.loading import LoadedModel, load_model
 from experiments.pipeline import QuantizationReport, quantize_model
@@ -25,7 +24,6 @@ from experiments.tracking import make_tracker
 from methods import get_method_class
 
 EVAL_CODE_VERSION = 1  # bump when the perplexity computation changes: invalidates cached baselines
-CALIB_SPLIT = {"c4": "train", "wikitext2": "train", "ptb": "train", "pydocs": "train"}
 
 
 def model_storage_bytes(model: torch.nn.Module, report: QuantizationReport | None) -> int:
@@ -99,7 +97,7 @@ def execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: boo
             start = time.perf_counter()
             calib_ids = calibration_samples(spec, loaded.tokenizer)
             timings["calib_data_s"] = time.perf_counter() - start
-            record.data["calib"] = calibration_fingerprint(spec, dataset_variant(spec.dataset, CALIB_SPLIT[spec.dataset]))
+            record.data["calib"] = calibration_fingerprint(spec, tokenizer=loaded.tokenizer)
         release_from_eval(model)
         start = time.perf_counter()
         report = quantize_model(

@@ -14,13 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import methods
-from experiments.data.calibration import CalibrationSpec
+from experiments.data.calibration import CALIBRATION_DATASETS, CalibrationSpec
 from experiments.data.protocols import EVAL_DATASETS
 from experiments.models.loading import DTYPES, ModelSpec
 from methods.base import ConfigError, MethodConfig
 
 MODEL_SOURCES = ("hub", "local", "gguf", "package_gguf", "random")
-CALIB_DATASETS = ("c4", "wikitext2", "ptb", "pydocs")
 
 
 @dataclass
@@ -131,7 +130,7 @@ def validate(cfg: DictConfig, model_group_loader: Any = None) -> RunConfig:
     model = model_spec(resolved["model"])
     method_name, method = validate_method(resolved["method"])
     calib = _typed(CalibConfig, resolved["calib"], "calib")
-    _choice(calib.dataset, CALIB_DATASETS, "calib.dataset")
+    _choice(calib.dataset, CALIBRATION_DATASETS, "calib.dataset")
     for knob in ("nsamples", "seqlen", "batch_size"):
         _positive(getattr(calib, knob), f"calib.{knob}")
     evaluation = _typed(EvalConfig, resolved["eval"], "eval")

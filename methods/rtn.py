@@ -37,23 +37,39 @@ class RTNConfig(MethodConfig):
         return quantizer.Grid(self.bits, self.sym, self.zero_in_range, self.float_zero)
 
 
+def fit_groups(w: torch.Tensor, grid: quantizer.Grid, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zeros) of shape [out, n_groups]: the full groups in one batched fit, then the
+    shorter last group when group_size does not divide the input width."""
+    out_features, in_features = w.shape
+    if group_size == -1:
+        scale, zero = quantizer.fit(w, grid)
+        return scale[:, None], zero[:, None]
+    n_full = in_features // group_size
+    scales, zeros = [], []
+    if n_full:
+        full = w[:, : n_full * group_size].reshape(out_features * n_full, group_size)
+        scale, zero = quantizer.fit(full, grid)
+        scales.append(scale.view(out_features, n_full))
+        zeros.append(zero.view(out_features, n_full))
+    if n_full * group_size < in_features:
+        scale, zero = quantizer.fit(w[:, n_full * group_size :], grid)
+        scales.append(scale[:, None])
+        zeros.append(zero[:, None])
+    return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
+
+
 def round_to_nearest(weight: torch.Tensor, grid: quantizer.Grid, group_size: int) -> QuantizedWeight:
     """Quantize a [out, in] weight group by group; the last group may be shorter."""
     w = weight.detach().float()
-    codes = torch.empty_like(w)
-    scales, zeros = [], []
-    for start, end in quantizer.group_bounds(w.shape[1], group_size):
-        scale, zero = quantizer.fit(w[:, start:end], grid)
-        codes[:, start:end] = quantizer.quantize(
-            w[:, start:end], scale[:, None], zero[:, None], grid.maxq, grid.float_zero
-        )
-        scales.append(scale)
-        zeros.append(zero)
+    scales, zeros = fit_groups(w, grid, group_size)
+    g_idx = contiguous_g_idx(w.shape[1], group_size)
+    index = g_idx.long().to(w.device)
+    codes = quantizer.quantize(w, scales[:, index], zeros[:, index], grid.maxq, grid.float_zero)
     return QuantizedWeight(
         codes=codes.to(torch.uint8 if grid.bits <= 8 else torch.int16),
-        scales=torch.stack(scales, dim=1),
-        zeros=torch.stack(zeros, dim=1),
-        g_idx=contiguous_g_idx(w.shape[1], group_size),
+        scales=scales,
+        zeros=zeros,
+        g_idx=g_idx,
         bits=grid.bits,
         group_size=group_size,
         zero_format=grid.zero_format,

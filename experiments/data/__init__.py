@@ -1,0 +1,25 @@
+"""Datasets, evaluation windows and calibration samples for quantlab (GPTQ protocol).
+
+- `sources`: named dataset splits as raw rows, local data directory first, then the HF hub.
+- `protocols`: perplexity evaluation windows (`eval_windows`).
+- `calibration`: GPTQ-style calibration samples (`calibration_samples`).
+"""
+
+from .calibration import CALIBRATION_DATASETS, CalibrationSpec, calibration_fingerprint, calibration_samples
+from .protocols import EVAL_DATASETS, EvalWindows, eval_windows
+from .sources import KNOWN_DATASETS, DatasetNotFound, data_dir, dataset_variant, load_rows
+
+__all__ = [
+    "CALIBRATION_DATASETS",
+    "EVAL_DATASETS",
+    "KNOWN_DATASETS",
+    "CalibrationSpec",
+    "DatasetNotFound",
+    "EvalWindows",
+    "calibration_fingerprint",
+    "calibration_samples",
+    "data_dir",
+    "dataset_variant",
+    "eval_windows",
+    "load_rows",
+]

@@ -1,0 +1,89 @@
+"""Calibration samples: `nsamples` random windows of `seqlen` tokens, drawn as GPTQ does.
+
+The windows come from the "train" split of a dataset (for the local C4 sample: the half of it
+that evaluation never sees). Python's `random`, seeded once before the loop, decides every
+draw, exactly as in GPTQ `datautils.py` (methods.md §9.1).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .gptq_sampling import draw_document_windows, draw_stream_windows
+from .sources import dataset_variant, resolve_rows
+from .tokenization import encode, tokenizer_name
+
+# dataset -> (source dataset, text join or None for per-document sampling)
+CALIBRATION_SOURCES: dict[str, tuple[str, str | None]] = {
+    "c4": ("c4", None),  # GPTQ get_c4: random documents, each tokenized alone
+    "wikitext2": ("wikitext2", "\n\n"),  # GPTQ get_wikitext2 (SliM-LLM joins with " " instead)
+    "ptb": ("ptb", "\n\n"),  # GPTQ get_ptb
+    "ptb-new": ("ptb", " "),  # GPTQ get_ptb_new
+    "pydocs": ("pydocs", "\n\n"),
+}
+CALIBRATION_DATASETS = tuple(CALIBRATION_SOURCES)
+CALIBRATION_SPLIT = "train"
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    dataset: str
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dataset not in CALIBRATION_SOURCES:
+            raise ValueError(
+                f"unknown calibration dataset {self.dataset!r}; known: {', '.join(CALIBRATION_DATASETS)}"
+            )
+        if self.nsamples < 1 or self.seqlen < 1:
+            raise ValueError(f"nsamples and seqlen must be >= 1, got {self.nsamples} and {self.seqlen}")
+
+
+def _sampling_rule(spec: CalibrationSpec) -> str:
+    if CALIBRATION_SOURCES[spec.dataset][1] is None:
+        return "gptq-c4: random document with > seqlen tokens, window start randint(0, n-seqlen-1)"
+    return "gptq-stream: joined text tokenized once, window start randint(0, n-seqlen-1)"
+
+
+def calibration_samples(spec: CalibrationSpec, tokenizer) -> torch.Tensor:
+    """[nsamples, seqlen] int64 token windows for calibration, reproducible from `spec`."""
+    source, join = CALIBRATION_SOURCES[spec.dataset]
+    rows = resolve_rows(source, CALIBRATION_SPLIT).rows
+    # Same sequence as random.seed(seed) followed by the module-level functions, without
+    # touching the global generator other code may rely on.
+    rng = random.Random(spec.seed)
+    if join is None:
+        # GPTQ's C4 train loop accepts a document only when it has *more* than seqlen tokens
+        # (its validation loop uses >=; see protocols.py).
+        windows = draw_document_windows(
+            rows, tokenizer, rng, spec.nsamples, spec.seqlen, accept_equal=False, dataset=spec.dataset
+        ).windows
+    else:
+        ids = encode(tokenizer, join.join(rows))
+        windows = draw_stream_windows(ids, rng, spec.nsamples, spec.seqlen, dataset=spec.dataset)
+    return torch.stack(windows)
+
+
+def calibration_fingerprint(spec: CalibrationSpec, variant: str | None = None, tokenizer=None) -> dict:
+    """Everything that determines `calibration_samples(spec, tokenizer)`.
+
+    `variant` is the dataset variant of the calibration text; when omitted it is looked up
+    (which reads the text). Pass `tokenizer` to record it too: the tokens depend on it.
+    """
+    source, join = CALIBRATION_SOURCES[spec.dataset]
+    fingerprint = {
+        **asdict(spec),
+        "split": CALIBRATION_SPLIT,
+        "variant": variant if variant is not None else dataset_variant(source, CALIBRATION_SPLIT),
+        "join": join,
+        "sampling": _sampling_rule(spec),
+        "rng": "python random.Random(seed), seeded once before the loop",
+    }
+    if tokenizer is not None:
+        fingerprint["tokenizer"] = tokenizer_name(tokenizer)
+    return fingerprint

