@@ -40,7 +40,8 @@ test: setup
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m experiments.bench
+	QUANTLAB_DATA_DIR=$${QUANTLAB_DATA_DIR:-$(abspath ../shared/data)} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+		$(BIN)/python -m experiments.bench $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check methods experiments kernels tests

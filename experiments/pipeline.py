@@ -185,8 +185,7 @@ class DecoderBlockView:
 
             def pre_hook(module: nn.Module, args: tuple, _hook=hook, _stop=(name == stop_after)) -> None:
                 if _hook is not None:
-                    x = args[0]
-                    _hook(x.reshape(-1, x.shape[-1]))
+                    _hook(args[0])
                 if _stop:
                     raise _StopForward
 

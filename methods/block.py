@@ -15,7 +15,7 @@ from torch import nn
 
 from kernels import QuantizedWeight
 
-LinearHook = Callable[[torch.Tensor], None]  # receives a linear's input, [tokens, in_features]
+LinearHook = Callable[[torch.Tensor], None]  # receives a linear's input, [sequences, seqlen, in_features]
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def test_run_with_hooks_and_early_stop(tiny_llama):
     seen: dict[str, int] = {}
 
     def counter(name):
-        return lambda x: seen.__setitem__(name, seen.get(name, 0) + x.shape[0])
+        return lambda x: seen.__setitem__(name, seen.get(name, 0) + x.shape[0] * x.shape[1])
 
     mlp_calls = []
     handle = block.mlp.register_forward_pre_hook(lambda *a: mlp_calls.append(1))

@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+
+from methods.hessian import HessianAccumulator
+
+
+def reference_per_sample(samples: list[torch.Tensor]) -> torch.Tensor:
+    """The reference's add_batch called once per sequence (b = 1), written out literally."""
+    features = samples[0].shape[-1]
+    hessian = torch.zeros(features, features)
+    n = 0
+    for sample in samples:
+        inp = sample.unsqueeze(0) if sample.dim() == 2 else sample
+        batch = inp.shape[0]
+        inp = inp.reshape(-1, features).t()
+        hessian *= n / (n + batch)
+        n += batch
+        inp = math.sqrt(2 / n) * inp.float()
+        hessian += inp.matmul(inp.t())
+    return hessian
+
+
+def test_batched_equals_per_sample_reference_loop():
+    gen = torch.Generator().manual_seed(0)
+    sequences = torch.randn(10, 24, 48, generator=gen) * torch.exp(torch.randn(48, generator=gen))
+    acc = HessianAccumulator(48)
+    acc.add(sequences[:7])  # [b, tokens, in]: one matmul for 7 sequences
+    acc.add(sequences[7:])
+    assert acc.n_sequences == 10
+    expected = reference_per_sample(list(sequences))
+    torch.testing.assert_close(acc.hessian, expected, rtol=2e-6, atol=1e-6 * expected.abs().max().item())
+    flat = sequences.reshape(-1, 48).double()
+    exact = 2 / 10 * flat.T @ flat
+    torch.testing.assert_close(acc.hessian.double(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+
+
+def test_counts_sequences_not_tokens():
+    x = torch.randn(3, 5, 8)
+    two_d = HessianAccumulator(8)
+    for sequence in x:
+        two_d.add(sequence)  # [tokens, in] is one sequence
+    assert two_d.n_sequences == 3
+    flattened = HessianAccumulator(8)
+    flattened.add(x.reshape(-1, 8), n_sequences=3)
+    torch.testing.assert_close(two_d.hessian, flattened.hessian)
+    with pytest.raises(ValueError):
+        flattened.add(torch.randn(4, 7))
+
+
+def test_fp16_inputs_are_cast_before_scaling():
+    x = (torch.randn(2, 64, 16) * 200).half()  # x x^T sums overflow fp16
+    acc = HessianAccumulator(16)
+    acc.add(x)
+    assert torch.isfinite(acc.hessian).all() and acc.hessian.dtype == torch.float32
+    flat = x.reshape(-1, 16).double()
+    exact = flat.T @ flat
+    torch.testing.assert_close(acc.hessian.double(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
