@@ -5,8 +5,10 @@ Everything here is plain Python on a validated `RunConfig`; Hydra stays in exper
 
 from __future__ import annotations
 
+import os
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ def _eval_sets(loaded: LoadedModel, run: RunConfig) -> dict[str, Any]:
 
 def _baseline(loaded: LoadedModel, run: RunConfig, sets: dict[str, Any], record: RunRecord) -> dict[str, dict]:
     """Full-precision perplexity per dataset, computed once per (model, eval protocol) and cached."""
-    cache = Cache("baseline")
+    cache = Cache("baseline", root=run.paths.cache_path)
     results: dict[str, dict] = {}
     seconds = 0.0
     for dataset, windows in sets.items():
@@ -63,7 +65,27 @@ def _baseline(loaded: LoadedModel, run: RunConfig, sets: dict[str, Any], record:
     return results
 
 
+@contextmanager
+def data_dir_from_config(run: RunConfig):
+    """The data layer reads QUANTLAB_DATA_DIR; for this run, paths.data_dir (which defaults to it)
+    decides. Restored afterwards, so runs in one process do not leak into each other."""
+    saved = os.environ.get("QUANTLAB_DATA_DIR")
+    os.environ["QUANTLAB_DATA_DIR"] = str(Path(run.paths.data_dir).expanduser().absolute())
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("QUANTLAB_DATA_DIR", None)
+        else:
+            os.environ["QUANTLAB_DATA_DIR"] = saved
+
+
 def execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    with data_dir_from_config(run):
+        return _execute(run, config, run_dir, progress)
+
+
+def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bool) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     record = RunRecord(run_dir, config)
     record.write()
@@ -76,7 +98,7 @@ def execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: boo
         method_class = get_method_class(run.method_name)
         method = method_class(run.method)
 
-        loaded = load_model(run.model, run.tokenizer_model)
+        loaded = load_model(run.model, run.tokenizer_model, cache_dir=run.paths.cache_path)
         timings["load_s"] = loaded.load_seconds
         model = loaded.model
         record.data["model"] = {

@@ -8,6 +8,7 @@ model load. Method groups are checked against the config dataclass each method r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -63,6 +64,10 @@ class PathsConfig:
     output_dir: str = "outputs"
     data_dir: str = "data"
     cache_dir: str = "~/.cache/quantlab"
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()
 
 
 @dataclass

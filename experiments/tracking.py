@@ -47,7 +47,7 @@ class WandbTracker(Tracker):
             project=self.settings.project, entity=self.settings.entity, mode=self.settings.mode,
             group=self.settings.group, job_type=self.settings.job_type, tags=self.settings.tags or None,
             name=name, dir=str(run_dir), config=flatten(config), reinit="finish_previous",
-            settings=wandb.Settings(start_method="thread", silent=True),
+            settings=wandb.Settings(silent=True),
         )
 
     def finish(self, record: dict[str, Any]) -> None:

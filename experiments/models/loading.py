@@ -95,10 +95,10 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def gguf_as_hf_folder(gguf: Path) -> tuple[Path, str]:
+def gguf_as_hf_folder(gguf: Path, cache_dir: Path | None = None) -> tuple[Path, str]:
     """The cached HF fp32 copy of a GGUF file (made on first use), and the file's hash."""
     sha = file_sha256(gguf)
-    target = cache_root() / "models" / f"{gguf.stem}-{sha[:16]}"
+    target = (cache_dir or cache_root()) / "models" / f"{gguf.stem}-{sha[:16]}"
     if (target / "config.json").is_file():
         return target, sha
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -131,16 +131,16 @@ def _folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _resolve_pretrained(spec: ModelSpec) -> tuple[str, dict[str, Any], str]:
+def _resolve_pretrained(spec: ModelSpec, cache_dir: Path | None) -> tuple[str, dict[str, Any], str]:
     """(what to pass to from_pretrained, extra kwargs, fingerprint)."""
     if spec.source == "package_gguf":
-        folder, sha = gguf_as_hf_folder(package_gguf_path())
+        folder, sha = gguf_as_hf_folder(package_gguf_path(), cache_dir)
         return str(folder), {}, f"gguf:{SMOLLM2_GGUF}:sha256={sha[:16]}"
     if spec.source == "gguf":
         gguf = Path(spec.path or "")
         if not gguf.is_file():
             raise ModelNotAvailable(f"model {spec.name!r}: GGUF file {gguf} does not exist (set model.path)")
-        folder, sha = gguf_as_hf_folder(gguf)
+        folder, sha = gguf_as_hf_folder(gguf, cache_dir)
         return str(folder), {}, f"gguf:{gguf.name}:sha256={sha[:16]}"
     if spec.source == "local":
         folder = Path(spec.path or "")
@@ -166,7 +166,10 @@ def _load_tokenizer(where: str, spec: ModelSpec, **kwargs: Any):
         ) from error
 
 
-def load_model(spec: ModelSpec, borrowed_tokenizer_spec: ModelSpec | None = None) -> LoadedModel:
+def load_model(
+    spec: ModelSpec, borrowed_tokenizer_spec: ModelSpec | None = None, cache_dir: Path | None = None
+) -> LoadedModel:
+    """`cache_dir` (default: $QUANTLAB_CACHE_DIR or ~/.cache/quantlab) holds converted GGUF models."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     start = time.perf_counter()
@@ -175,7 +178,7 @@ def load_model(spec: ModelSpec, borrowed_tokenizer_spec: ModelSpec | None = None
     if spec.source == "random":
         if borrowed_tokenizer_spec is None:
             raise ValueError(f"model {spec.name!r} is random: it needs model.tokenizer naming a model spec")
-        where, kwargs, _ = _resolve_pretrained(borrowed_tokenizer_spec)
+        where, kwargs, _ = _resolve_pretrained(borrowed_tokenizer_spec, cache_dir)
         tokenizer = _load_tokenizer(where, borrowed_tokenizer_spec, **kwargs)
         config = AutoConfig.for_model(**spec.random_config)
         torch.manual_seed(spec.seed)
@@ -183,7 +186,7 @@ def load_model(spec: ModelSpec, borrowed_tokenizer_spec: ModelSpec | None = None
         canonical = json.dumps(spec.random_config, sort_keys=True)
         fingerprint = f"random:{hashlib.sha256(canonical.encode()).hexdigest()[:16]}:seed={spec.seed}"
     else:
-        where, kwargs, fingerprint = _resolve_pretrained(spec)
+        where, kwargs, fingerprint = _resolve_pretrained(spec, cache_dir)
         tokenizer = _load_tokenizer(where, spec, **kwargs)
         try:
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)

@@ -1,0 +1,38 @@
+import json
+
+from experiments.cli import run_from_config
+from experiments.tracking import flatten
+from tests.conftest import compose_config
+from tests.experiments.test_cli import TINY
+
+
+def test_flatten_uses_slashes_not_dots():
+    assert flatten({"method": {"name": "rtn", "grid": {"bits": 4}}}) == {"method/name": "rtn", "method/grid/bits": 4}
+
+
+def test_offline_wandb_mirrors_the_run_without_an_account(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-home"))
+    run_dir = tmp_path / "run"
+    record = run_from_config(compose_config(*TINY, "logger=wandb"), run_dir, progress=False)
+    assert record["status"] == "ok"
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1, "one offline wandb run inside the run directory"
+    assert any(offline_runs[0].rglob("*.wandb")), "the run's data file was written"
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+
+
+def test_wandb_run_is_finished_when_the_run_fails(tmp_path, monkeypatch):
+    import pytest
+    import wandb
+
+    from experiments.data.sources import DatasetNotFound
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("QUANTLAB_DATA_DIR", str(tmp_path / "empty"))
+    overrides = [o for o in TINY if not o.startswith("eval.ppl.datasets")] + ["eval.ppl.datasets=[wikitext2]"]
+    with pytest.raises(DatasetNotFound, match="wiki.test.raw"):
+        run_from_config(compose_config(*overrides, "logger=wandb"), tmp_path / "run", progress=False)
+    assert wandb.run is None, "the failed run's tracker was finished"
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert record["status"] == "failed" and "DatasetNotFound" in record["error"]
