@@ -56,6 +56,57 @@ def bench_evaluator(windows_n: int, seqlen: int, batch_size: int, repeats: int) 
     print(f"throughput ratio (quantlab / plain): {best_plain / best_ours:.3f}  (target >= 0.95)")
 
 
+def bench_gptq(nsamples: int, seqlen: int, batch_size: int) -> None:
+    """GPTQ W4 g128 on SmolLM2-135M: where the time goes, against one full-precision forward pass
+    of the decoder over the same calibration set, and the memory it adds."""
+    from experiments.data.calibration import CalibrationSpec, calibration_samples
+    from experiments.models.loading import ModelSpec, load_model
+    from experiments.pipeline import quantize_model
+    from experiments.results import peak_rss_bytes
+    from methods.gptq import GPTQ, GPTQConfig
+
+    loaded = load_model(ModelSpec(name="smollm2-135m", source="package_gguf", dtype="float32", device="auto"))
+    model, arch, device = loaded.model, loaded.architecture, loaded.device
+    model.to(device)
+    calib = calibration_samples(CalibrationSpec("c4", nsamples, seqlen, 0), loaded.tokenizer)
+    backbone = model.get_submodule(arch.backbone)
+    with torch.no_grad():
+        backbone(input_ids=calib[:batch_size].to(device), use_cache=False)  # warm-up
+        start = time.perf_counter()
+        for chunk in calib.split(batch_size):
+            backbone(input_ids=chunk.to(device), use_cache=False)
+        forward_s = time.perf_counter() - start
+    rss_before = peak_rss_bytes()
+    start = time.perf_counter()
+    report = quantize_model(model, arch, GPTQ(GPTQConfig(bits=4, group_size=128)), calib, device, batch_size, progress=False)
+    total_s = time.perf_counter() - start
+    split = {
+        "capture (embeddings -> block 0 inputs)": report.seconds.get("capture_s", 0.0),
+        "calibration forwards (block passes to each sequential group)": sum(r.info["forward_seconds"] for r in report.layers),
+        "Hessian accumulation": sum(r.info["hessian_seconds"] for r in report.layers),
+        "solver": sum(r.info["solver_seconds"] for r in report.layers),
+        "output recomputation (quantized block outputs)": report.seconds["block_forward_s"],
+    }
+    print(f"protocol: GPTQ W4 g128 (reference defaults, true-sequential), c4 calibration {nsamples} x {seqlen}, "
+          f"seed 0, chunks of {batch_size}, device {device.type}, torch threads {torch.get_num_threads()}")
+    print(f"one full-precision decoder forward over the calibration set: {forward_s:.1f} s")
+    for what, seconds in split.items():
+        print(f"  {what:62s} {seconds:7.1f} s  ({seconds / forward_s:.2f} forwards)")
+    other = total_s - sum(split.values())
+    print(f"  {'other (bookkeeping, weight copies)':62s} {other:7.1f} s")
+    print(f"whole quantization: {total_s:.1f} s = {total_s / forward_s:.2f} full-precision forwards (target <= 3)")
+    hidden = model.config.hidden_size
+    activations = nsamples * seqlen * hidden * 4
+    widest = max(r.shape[1] for r in report.layers)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"memory: model {model_bytes / 1e6:.0f} MB, one block's calibration activations {activations / 1e6:.0f} MB, "
+          f"largest Hessian {widest * widest * 4 / 1e6:.1f} MB")
+    print(f"peak RSS before quantizing {rss_before / 1e6:.0f} MB, after {peak_rss_bytes() / 1e6:.0f} MB "
+          f"(+{(peak_rss_bytes() - rss_before) / 1e6:.0f} MB)")
+    if device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 1e6:.0f} MB")
+
+
 def bench_quickstart() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     start = time.perf_counter()
@@ -77,8 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quickstart", action="store_true", help="also time `quantlab experiment=quickstart`")
+    parser.add_argument("--gptq", action="store_true", help="also time GPTQ W4 g128 (calibration 128 x 512)")
+    parser.add_argument("--only-gptq", action="store_true", help="time GPTQ alone")
     args = parser.parse_args(argv)
+    if args.only_gptq:
+        bench_gptq(128, 512, 8)
+        return
     bench_evaluator(args.windows, args.seqlen, args.batch_size, args.repeats)
+    if args.gptq:
+        bench_gptq(128, 512, 8)
     if args.quickstart:
         bench_quickstart()
 

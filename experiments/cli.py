@@ -24,13 +24,14 @@ def _raise_interrupted(signum: int, _frame: Any) -> None:
     raise Interrupted(f"received signal {signal.Signals(signum).name}")
 
 
-def model_group_loader(name: str) -> DictConfig:
-    path = CONF_DIR / "model" / f"{name}.yaml"
+def load_group_option(group: str, name: str) -> DictConfig:
+    """One option of a config group, read directly (not through the defaults list)."""
+    path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():
         from methods.base import ConfigError
 
-        valid = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-        raise ConfigError(f"model.tokenizer={name!r} names no model config; valid: {', '.join(valid)}")
+        valid = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ConfigError(f"{name!r} names no option of config group {group!r}; valid: {', '.join(valid)}")
     return OmegaConf.load(path)
 
 
@@ -44,7 +45,7 @@ def run_from_config(cfg: DictConfig, run_dir: Path, progress: bool = True) -> di
     assert isinstance(container, dict)
     container.pop("hydra", None)
     try:
-        run = validate(cfg, model_group_loader)
+        run = validate(cfg, load_group_option)
     except Exception as error:
         RunRecord(run_dir, container).finish_failed(error)
         raise
@@ -53,7 +54,7 @@ def run_from_config(cfg: DictConfig, run_dir: Path, progress: bool = True) -> di
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> float | None:
-    from experiments.summary import protocol_line, render, run_rows
+    from experiments.summary import expected_line, protocol_line, reduced_protocol_note, render, run_rows
     from methods.base import ConfigError
 
     signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -67,6 +68,9 @@ def app(cfg: DictConfig) -> float | None:
     print()
     print(render(run_rows(record)))
     print(f"protocol: {protocol_line(record)}")
+    for line in (reduced_protocol_note(record), expected_line(record)):
+        if line:
+            print(line)
     print(f"result: {run_dir / 'result.json'}")
     values = [m["value"] for m in record["metrics"]["ppl"].values()]
     return values[0] if values else None  # the first perplexity, for Hydra sweepers that optimize

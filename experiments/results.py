@@ -100,6 +100,7 @@ class RunRecord:
             "peak_rss_bytes": None,
             "peak_gpu_bytes": None,
             "layers": [],
+            "comparisons": [],
             "versions": library_versions(),
             "git_commit": git_commit(),
             "seed": cfg.get("seed"),

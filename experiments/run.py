@@ -9,6 +9,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from experiments.results import RunRecord
 from experiments.schema import RunConfig
 from experiments.tracking import make_tracker
 from methods import get_method_class
+from methods.base import Method
 
 EVAL_CODE_VERSION = 1  # bump when the perplexity computation changes: invalidates cached baselines
 
@@ -85,6 +87,67 @@ def execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: boo
         return _execute(run, config, run_dir, progress)
 
 
+def vs_expected(measured: dict[str, dict], expected: dict[str, float]) -> dict[str, dict]:
+    """Distance of each measured perplexity from its published value."""
+    out = {}
+    for dataset, paper in expected.items():
+        ours = measured[dataset]["value"]
+        inside = measured[dataset].get("ci_low") is not None and measured[dataset]["ci_low"] <= paper <= measured[dataset]["ci_high"]
+        out[dataset] = {"expected": paper, "measured": ours, "diff": ours - paper, "rel_diff": ours / paper - 1,
+                        "expected_inside_ci": inside}
+    return out
+
+
+class _Calibration:
+    """The calibration tensor, drawn once and only if some method needs it."""
+
+    def __init__(self, run: RunConfig, tokenizer: Any, record: RunRecord) -> None:
+        self.run, self.tokenizer, self.record = run, tokenizer, record
+        self.ids: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor:
+        if self.ids is None:
+            spec = self.run.calib.spec()
+            start = time.perf_counter()
+            self.ids = calibration_samples(spec, self.tokenizer)
+            self.record.data["timings"]["calib_data_s"] = time.perf_counter() - start
+            self.record.data["calib"] = calibration_fingerprint(spec, tokenizer=self.tokenizer)
+        return self.ids
+
+
+def _quantize_and_evaluate(
+    loaded: LoadedModel, method: Method, run: RunConfig, sets: dict[str, Any], baseline: dict[str, dict],
+    calibration: _Calibration, progress: bool,
+) -> dict[str, Any]:
+    """Quantize `loaded.model` in place with `method`, then evaluate it on the same windows as the
+    baseline. Returns the record fields of one method."""
+    model, arch = loaded.model, loaded.architecture
+    calib_ids = calibration.get() if method.needs_calibration else None
+    release_from_eval(model)
+    start = time.perf_counter()
+    report = quantize_model(model, arch, method, calib_ids, loaded.device, run.calib.batch_size, progress=progress)
+    timings = {"quantize_s": time.perf_counter() - start}
+    timings.update({f"quantize_{k}": v for k, v in report.seconds.items()})
+    place_for_eval(model, arch, loaded.device)
+    start = time.perf_counter()
+    metrics: dict[str, dict] = {}
+    for dataset, windows in sets.items():
+        if not method.quantizes_weights:
+            metrics[dataset] = dict(baseline[dataset])
+        else:
+            metrics[dataset] = perplexity(model, arch, windows.input_ids, run.eval.ppl.batch_size).as_dict()
+        metrics[dataset]["vs_baseline"] = paired_delta(metrics[dataset]["window_nll"], baseline[dataset]["window_nll"])
+    timings["eval_s"] = time.perf_counter() - start
+    return {
+        "layers": [r.as_dict() for r in report.layers],
+        "avg_bits": report.avg_bits if report.layers else 16.0,
+        "model_bytes": model_storage_bytes(model, report if report.layers else None),
+        "fp16_model_bytes": model_storage_bytes(model, None),
+        "metrics": {"ppl": metrics},
+        "timings": timings,
+    }
+
+
 def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bool) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     record = RunRecord(run_dir, config)
@@ -95,8 +158,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         tracker.start(run_dir, run.name, config)
         random.seed(run.seed)
         torch.manual_seed(run.seed)
-        method_class = get_method_class(run.method_name)
-        method = method_class(run.method)
+        method = get_method_class(run.method_name)(run.method)
 
         loaded = load_model(run.model, run.tokenizer_model, cache_dir=run.paths.cache_path)
         timings["load_s"] = loaded.load_seconds
@@ -106,45 +168,31 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
             "family": loaded.architecture.family, "n_params": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": loaded.device.type,
         }
-
         sets = _eval_sets(loaded, run)
         record.data["eval_protocol"] = {"ppl": {ds: w.protocol for ds, w in sets.items()}}
         place_for_eval(model, loaded.architecture, loaded.device)
         baseline = _baseline(loaded, run, sets, record)
         record.data["baseline"]["ppl"] = baseline
+        calibration = _Calibration(run, loaded.tokenizer, record)
 
-        calib_ids = None
-        if method.needs_calibration:
-            spec = run.calib.spec()
-            start = time.perf_counter()
-            calib_ids = calibration_samples(spec, loaded.tokenizer)
-            timings["calib_data_s"] = time.perf_counter() - start
-            record.data["calib"] = calibration_fingerprint(spec, tokenizer=loaded.tokenizer)
-        release_from_eval(model)
-        start = time.perf_counter()
-        report = quantize_model(
-            model, loaded.architecture, method, calib_ids, loaded.device, run.calib.batch_size, progress=progress
-        )
-        timings["quantize_s"] = time.perf_counter() - start
-        timings.update({f"quantize_{k}": v for k, v in report.seconds.items()})
-        record.data["layers"] = [r.as_dict() for r in report.layers]
-        record.data["avg_bits"] = report.avg_bits if report.layers else 16.0
-        record.data["model_bytes"] = model_storage_bytes(model, report if report.layers else None)
-        record.data["fp16_model_bytes"] = model_storage_bytes(model, None)
+        result = _quantize_and_evaluate(loaded, method, run, sets, baseline, calibration, progress)
+        timings.update(result.pop("timings"))
+        record.data.update(result)
+        if run.expected is not None:
+            record.data["expected"] = asdict(run.expected)
+            record.data["vs_expected"] = vs_expected(record.data["metrics"]["ppl"], run.expected.ppl)
+        record.write()
 
-        place_for_eval(model, loaded.architecture, loaded.device)
-        start = time.perf_counter()
-        metrics: dict[str, dict] = {}
-        for dataset, windows in sets.items():
-            if not method.quantizes_weights:
-                metrics[dataset] = dict(baseline[dataset])
-            else:
-                metrics[dataset] = perplexity(
-                    model, loaded.architecture, windows.input_ids, run.eval.ppl.batch_size
-                ).as_dict()
-            metrics[dataset]["vs_baseline"] = paired_delta(metrics[dataset]["window_nll"], baseline[dataset]["window_nll"])
-        timings["eval_s"] = time.perf_counter() - start
-        record.data["metrics"]["ppl"] = metrics
+        comparisons = record.data["comparisons"] = []
+        for name, config_ in run.comparisons:
+            loaded = model = None  # one model in memory at a time: reload a fresh full-precision copy
+            loaded = load_model(run.model, run.tokenizer_model, cache_dir=run.paths.cache_path)
+            place_for_eval(loaded.model, loaded.architecture, loaded.device)
+            other = get_method_class(name)(config_)
+            result = _quantize_and_evaluate(loaded, other, run, sets, baseline, calibration, progress)
+            comparisons.append({"method": name, "bits": config_.bits, "group_size": config_.group_size,
+                                "config": asdict(config_), **result})
+            record.write()
         record.finish_ok()
     except BaseException as error:
         record.finish_failed(error)

@@ -60,6 +60,14 @@ class LoggerConfig:
 
 
 @dataclass
+class ExpectedConfig:
+    """Published numbers a run reproduces (paper configs), so its record shows the distance."""
+
+    source: str
+    ppl: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class PathsConfig:
     output_dir: str = "outputs"
     data_dir: str = "data"
@@ -85,6 +93,8 @@ class RunConfig:
     name: str
     tags: list[str]
     tokenizer_model: ModelSpec | None = None  # for random models that borrow a tokenizer
+    comparisons: list[tuple[str, MethodConfig]] = field(default_factory=list)  # compare_with, validated
+    expected: ExpectedConfig | None = None
 
 
 def _typed(schema: type, section: Any, group: str) -> Any:
@@ -125,8 +135,25 @@ def model_spec(section: Any) -> ModelSpec:
     return spec
 
 
-def validate(cfg: DictConfig, model_group_loader: Any = None) -> RunConfig:
-    """Check every group of a composed config; raise ConfigError naming the problem and the fix."""
+def _comparisons(resolved: dict, group_loader: Any) -> list[tuple[str, MethodConfig]]:
+    """`compare_with`: other methods run beside the main one at the same bits and group size,
+    each with its own config group's defaults (the quickstart shows RTN beside GPTQ)."""
+    names = resolved.get("compare_with") or []
+    if names and group_loader is None:
+        raise ConfigError("compare_with needs a loader for method config groups")
+    comparisons = []
+    for name in names:
+        section = OmegaConf.create(
+            {"bits": resolved["bits"], "group_size": resolved["group_size"], "method": group_loader("method", name)}
+        )
+        comparisons.append(validate_method(OmegaConf.to_container(section, resolve=True)["method"]))
+    return comparisons
+
+
+def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
+    """Check every group of a composed config; raise ConfigError naming the problem and the fix.
+    `group_loader(group, name)` reads another option of a config group (random models borrow a
+    tokenizer from a model config; `compare_with` names method configs)."""
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as error:
@@ -149,16 +176,24 @@ def validate(cfg: DictConfig, model_group_loader: Any = None) -> RunConfig:
     _choice(logger.name, ("none", "wandb"), "logger")
     _choice(logger.mode, ("online", "offline", "disabled"), "logger.mode")
     paths = _typed(PathsConfig, resolved["paths"], "paths")
+    expected = None
+    if resolved.get("expected") is not None:
+        expected = _typed(ExpectedConfig, resolved["expected"], "expected")
+        for dataset in expected.ppl:
+            if dataset not in evaluation.ppl.datasets:
+                raise ConfigError(
+                    f"expected.ppl names {dataset!r}, which eval.ppl.datasets ({evaluation.ppl.datasets}) does not evaluate"
+                )
     tokenizer_model = None
     if model.source == "random":
         if not model.tokenizer:
             raise ConfigError(f"model {model.name!r} is random: set model.tokenizer to a model config name")
-        if model_group_loader is None:
+        if group_loader is None:
             raise ConfigError("random models need a loader for the model they borrow a tokenizer from")
-        tokenizer_model = model_spec(model_group_loader(model.tokenizer))
+        tokenizer_model = model_spec(group_loader("model", model.tokenizer))
     return RunConfig(
         model=model, method_name=method_name, method=method, calib=calib, eval=evaluation, logger=logger,
         paths=paths, bits=int(resolved["bits"]), group_size=int(resolved["group_size"]),
         seed=int(resolved["seed"]), name=str(resolved["name"]), tags=list(resolved.get("tags") or []),
-        tokenizer_model=tokenizer_model,
+        tokenizer_model=tokenizer_model, comparisons=_comparisons(resolved, group_loader), expected=expected,
     )

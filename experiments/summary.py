@@ -28,16 +28,46 @@ def run_rows(record: dict[str, Any]) -> list[dict[str, str]]:
         "size MB": f"{fp_bytes / 1e6:.1f}" if fp_bytes else "-",
         "seconds": f"{timings.get('baseline_eval_s', 0):.1f} (eval{', cached' if not timings.get('baseline_eval_s') else ''})",
     })
-    if record.get("method") != "fp16":
-        quant_s = timings.get("quantize_s", 0) + timings.get("calib_data_s", 0)
+    entries = [record] + list(record.get("comparisons") or [])
+    for entry in entries:
+        if entry.get("method") == "fp16":
+            continue
+        entry_timings = entry.get("timings", timings)
+        quant_s = entry_timings.get("quantize_s", 0)
         rows.append({
-            "run": f"{record.get('method')} W{record.get('bits')} g{record.get('group_size')}",
-            "bits/weight": f"{record['avg_bits']:.3f}" if record.get("avg_bits") else "-",
-            **{f"ppl {d}": _ppl_cell(record["metrics"]["ppl"].get(d)) for d in datasets},
-            "size MB": f"{record['model_bytes'] / 1e6:.1f}" if record.get("model_bytes") else "-",
-            "seconds": f"{quant_s:.1f} quantize + {timings.get('eval_s', 0):.1f} eval",
+            "run": f"{entry.get('method')} W{entry.get('bits')} g{entry.get('group_size')}",
+            "bits/weight": f"{entry['avg_bits']:.3f}" if entry.get("avg_bits") else "-",
+            **{f"ppl {d}": _ppl_cell(entry["metrics"]["ppl"].get(d)) for d in datasets},
+            "size MB": f"{entry['model_bytes'] / 1e6:.1f}" if entry.get("model_bytes") else "-",
+            "seconds": f"{quant_s:.1f} quantize + {entry_timings.get('eval_s', 0):.1f} eval",
         })
     return rows
+
+
+def expected_line(record: dict[str, Any]) -> str | None:
+    distances = record.get("vs_expected") or {}
+    if not distances:
+        return None
+    parts = [f"{d}: {v['measured']:.3f} vs {v['expected']:.3f} published ({v['rel_diff']:+.1%})" for d, v in distances.items()]
+    return f"vs {record['expected']['source']}: " + "; ".join(parts)
+
+
+PAPER_SEQLEN = 2048
+PAPER_CALIBRATION = (128, 2048)
+
+
+def reduced_protocol_note(record: dict[str, Any]) -> str | None:
+    """Say so when the numbers come from a reduced protocol, so they are never mistaken for paper ones."""
+    notes = []
+    for dataset, protocol in (record.get("eval_protocol") or {}).get("ppl", {}).items():
+        if protocol.get("n_windows") != protocol.get("n_windows_total") or protocol.get("seqlen") != PAPER_SEQLEN:
+            notes.append(f"{dataset} on {protocol.get('n_windows')} of {protocol.get('n_windows_total')} windows of "
+                         f"{protocol.get('seqlen')} tokens (papers: every window of {PAPER_SEQLEN})")
+    calib = record.get("calib")
+    if calib and (calib.get("nsamples"), calib.get("seqlen")) != PAPER_CALIBRATION:
+        notes.append(f"calibration {calib.get('nsamples')} x {calib.get('seqlen')} "
+                     f"(papers: {PAPER_CALIBRATION[0]} x {PAPER_CALIBRATION[1]})")
+    return "reduced protocol: " + "; ".join(notes) if notes else None
 
 
 def render(rows: list[dict[str, str]]) -> str:

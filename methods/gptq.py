@@ -22,7 +22,7 @@ from kernels import QuantizedWeight
 from methods import quantizer
 from methods.base import ConfigError, Method, MethodConfig, register
 from methods.block import BlockView
-from methods.hessian import HessianAccumulator
+from methods.hessian import HessianAccumulator, collect_hessians, input_representatives
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,8 @@ def _sync(device: torch.device) -> None:
 @register("gptq")
 class GPTQ(Method):
     """Per linear, the record gets: damp (the relative lambda used), damp_retries, dead_columns, loss
-    (the reference's sum of Losses), hessian_sequences, hessian_seconds and solver_seconds."""
+    (the reference's sum of Losses), hessian_sequences, hessian_from, and its share of the time:
+    forward_seconds (running the block to this group), hessian_seconds, solver_seconds."""
 
     config_class = GPTQConfig
 
@@ -227,25 +228,19 @@ class GPTQ(Method):
             )
         with tf32_disabled():
             for group in groups:
-                # One pass per group, stopped at the group's last linear in execution order; the
-                # inputs already carry the quantized weights of the earlier groups (§3.2).
-                start = time.perf_counter()
-                accumulators = {
-                    name: HessianAccumulator(
-                        block.linears[name].in_features, block.linears[name].weight.device
-                    )
-                    for name in group
-                }
-                hooks = {name: acc.add for name, acc in accumulators.items()}  # [b, seqlen, in]: b sequences
-                block.run(hooks=hooks, stop_after=max(group, key=order.index))
+                # One pass per group, stopped once its inputs are seen; the inputs already carry the
+                # quantized weights of the earlier groups (§3.2). Linears sharing an input share a
+                # Hessian: the reference builds q/k/v's three times over.
+                hessians, timing = collect_hessians(block, group)
                 _sync(block.linears[group[0]].weight.device)
-                # The pass serves the whole group: each linear is charged an equal share, so sums stay right.
-                hessian_seconds = (time.perf_counter() - start) / len(group)
+                # The pass serves the whole group: each linear is charged an equal share.
+                share = {key: seconds / len(group) for key, seconds in timing.items()}
+                representative = input_representatives(block)
                 for name in group:
-                    self._solve_and_commit(block, name, accumulators.pop(name), hessian_seconds)
+                    self._solve_and_commit(block, name, hessians[name], share, representative[name])
 
     def _solve_and_commit(
-        self, block: BlockView, name: str, acc: HessianAccumulator, hessian_seconds: float
+        self, block: BlockView, name: str, acc: HessianAccumulator, timing: dict[str, float], owner: str
     ) -> None:
         cfg, linear = self.config, block.linears[name]
         if acc.n_sequences == 0:
@@ -260,9 +255,10 @@ class GPTQ(Method):
         block.commit(
             name,
             qweight,
-            seconds=hessian_seconds + solver_seconds,
-            hessian_seconds=hessian_seconds,
+            seconds=timing["hessian_seconds"] + timing["forward_seconds"] + solver_seconds,
             solver_seconds=solver_seconds,
+            **timing,
             hessian_sequences=acc.n_sequences,
+            hessian_from=owner,  # the linear whose identical input built this Hessian
             **info,
         )

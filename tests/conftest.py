@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from experiments.cli import CONF_DIR, model_group_loader  # noqa: E402
+from experiments.cli import CONF_DIR, load_group_option  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -39,8 +39,8 @@ def _load(name: str):
     from experiments.models.loading import load_model
     from experiments.schema import model_spec
 
-    spec = model_spec(model_group_loader(name))
-    borrowed = model_spec(model_group_loader(spec.tokenizer)) if spec.tokenizer else None
+    spec = model_spec(load_group_option("model", name))
+    borrowed = model_spec(load_group_option("model", spec.tokenizer)) if spec.tokenizer else None
     return load_model(spec, borrowed)
 
 

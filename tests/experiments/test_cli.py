@@ -130,3 +130,38 @@ def test_cli_config_error_exits_2_with_the_message(tmp_path):
     assert proc.returncode == 2
     assert "cannot quantize to bits=9" in err
     assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"
+
+
+def test_compare_with_runs_other_methods_on_the_same_windows(tmp_path, isolated_cache):
+    record = run_from_config(
+        compose_config(*TINY, "method=gptq", "compare_with=[rtn]"), tmp_path / "cmp", progress=False
+    )
+    assert record["method"] == "gptq" and record["calib"]["nsamples"] == 4
+    [rtn] = record["comparisons"]
+    assert rtn["method"] == "rtn" and rtn["bits"] == 4 and rtn["group_size"] == 32
+    assert rtn["metrics"]["ppl"]["pydocs"]["n_windows"] == record["metrics"]["ppl"]["pydocs"]["n_windows"]
+    assert rtn["metrics"]["ppl"]["pydocs"]["value"] != record["metrics"]["ppl"]["pydocs"]["value"]
+    assert len(rtn["layers"]) == 14
+
+
+def test_compare_with_an_unknown_method_fails_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="'awq-ish' names no option of config group 'method'"):
+        run_from_config(compose_config(*TINY, "compare_with=[awq-ish]"), tmp_path / "bad", progress=False)
+
+
+def test_expected_values_give_the_distance_from_the_paper(tmp_path, isolated_cache):
+    record = run_from_config(
+        compose_config(*TINY, "+expected.source=a paper", "+expected.ppl.pydocs=100.0"), tmp_path / "exp",
+        progress=False,
+    )
+    distance = record["vs_expected"]["pydocs"]
+    measured = record["metrics"]["ppl"]["pydocs"]["value"]
+    assert distance["expected"] == 100.0 and distance["diff"] == pytest.approx(measured - 100.0)
+    assert distance["rel_diff"] == pytest.approx(measured / 100.0 - 1)
+
+
+def test_expected_value_for_a_dataset_not_evaluated_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="expected.ppl names 'wikitext2'"):
+        run_from_config(
+            compose_config(*TINY, "+expected.source=x", "+expected.ppl.wikitext2=5.0"), tmp_path / "bad", progress=False
+        )

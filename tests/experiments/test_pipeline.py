@@ -86,3 +86,37 @@ def test_method_that_skips_a_linear_is_caught(tiny_llama):
 
     with pytest.raises(RuntimeError, match="unquantized"):
         quantize_model(tiny_llama.model, tiny_llama.architecture, Lazy(RTNConfig()), None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_opt"])
+def test_linears_of_a_scaling_group_receive_the_identical_input(fixture, request):
+    """What the adapter tables declare, and GPTQ's shared Hessians rely on."""
+    loaded = request.getfixturevalue(fixture)
+    ids = calib(n=2, seqlen=16)
+    inputs = capture_block_inputs(loaded.model, loaded.architecture, ids, torch.device("cpu"), batch_size=2)
+    block = loaded.architecture.block_list(loaded.model)[0]
+    view = DecoderBlockView(0, "b0", block, loaded.architecture, inputs)
+    seen: dict[str, torch.Tensor] = {}
+    view.run({name: (lambda n: lambda x: seen.__setitem__(n, x))(name) for name in view.linears})
+    for group in loaded.architecture.scaling_groups:
+        if group.prev_op in view.linears:
+            continue  # linear -> linear groups (v -> o) are about scaling, not input sharing
+        first = seen[group.linears[0]]
+        assert all(seen[name] is first for name in group.linears), group
+
+
+def test_gptq_shares_one_hessian_per_distinct_input_and_counts_sequences(tiny_llama):
+    from methods.gptq import GPTQ, GPTQConfig
+
+    ids = calib(n=6, seqlen=32)
+    report = quantize_model(
+        tiny_llama.model, tiny_llama.architecture, GPTQ(GPTQConfig(bits=4, group_size=32)), ids,
+        torch.device("cpu"), batch_size=4,
+    )
+    info = {r.name.split(".", 3)[-1]: r.info for r in report.layers if r.name.startswith("model.layers.0.")}
+    # q runs first in the attention, gate first in the MLP: their inputs build the shared Hessians
+    assert {info[n]["hessian_from"] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")} == {"self_attn.q_proj"}
+    assert info["mlp.gate_proj"]["hessian_from"] == info["mlp.up_proj"]["hessian_from"] == "mlp.gate_proj"
+    assert info["self_attn.o_proj"]["hessian_from"] == "self_attn.o_proj"
+    # N counts sequences (6, in chunks of 4 + 2), not tokens or chunks
+    assert all(r.info["hessian_sequences"] == 6 for r in report.layers)

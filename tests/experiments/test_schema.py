@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from experiments.cli import CONF_DIR, model_group_loader
+from experiments.cli import CONF_DIR, load_group_option
 from experiments.schema import validate
 from methods.base import ConfigError
 from tests.conftest import compose_config
@@ -19,7 +19,7 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes_and_validates(experiment):
-    run = validate(compose_config(f"experiment={experiment}"), model_group_loader)
+    run = validate(compose_config(f"experiment={experiment}"), load_group_option)
     assert run.method_name and run.eval.ppl.datasets
 
 
@@ -28,12 +28,12 @@ def test_every_experiment_composes_and_validates(experiment):
     [(g, c) for g in ("model", "method", "calib", "eval", "logger") for c in options(g)],
 )
 def test_every_group_option_validates(group, choice):
-    run = validate(compose_config(f"{group}={choice}"), model_group_loader)
+    run = validate(compose_config(f"{group}={choice}"), load_group_option)
     assert run is not None
 
 
 def test_top_level_bits_and_group_size_reach_the_method():
-    run = validate(compose_config("method=rtn", "bits=3", "group_size=-1"), model_group_loader)
+    run = validate(compose_config("method=rtn", "bits=3", "group_size=-1"), load_group_option)
     assert (run.method.bits, run.method.group_size) == (3, -1)
 
 
@@ -60,7 +60,7 @@ def test_unknown_choice_lists_the_valid_ones():
 )
 def test_bad_configs_fail_with_a_clear_message(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        validate(compose_config(*overrides), model_group_loader)
+        validate(compose_config(*overrides), load_group_option)
 
 
 def test_gitignored_local_overrides_are_optional():

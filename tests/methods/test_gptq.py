@@ -382,7 +382,9 @@ def test_true_sequential_one_pass_per_group_stopped_at_its_last_linear(make_bloc
     for name, record in block.records.items():
         assert torch.equal(block.linears[name].weight, record["qweight"].dequantize())
         assert record["hessian_sequences"] == block.n_sequences
-        assert record["seconds"] == pytest.approx(record["hessian_seconds"] + record["solver_seconds"])
+        assert record["seconds"] == pytest.approx(
+            record["forward_seconds"] + record["hessian_seconds"] + record["solver_seconds"]
+        )
         assert {"damp", "damp_retries", "dead_columns", "loss"} <= set(record)
 
 
@@ -428,3 +430,17 @@ def test_tf32_disabled_while_solving_and_restored(make_block):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     assert seen and not any(seen)
+
+
+def test_linears_declared_to_share_an_input_share_one_hessian_and_stop_early(make_block):
+    from methods.block import ScalingGroup
+
+    block = make_block()
+    block.scaling_groups = (
+        ScalingGroup("norm1", ("q", "k", "v"), "attn"), ScalingGroup("norm2", ("gate", "up"), "mlp"),
+    )
+    quantize(block)
+    # each pass stops at the first linear of a shared input: q and gate are never computed in them
+    assert block.runs == ["q", "o", "gate", "down"]
+    assert {block.records[n]["hessian_from"] for n in ("q", "k", "v")} == {"q"}
+    assert block.records["up"]["hessian_from"] == "gate"

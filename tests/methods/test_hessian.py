@@ -57,3 +57,13 @@ def test_fp16_inputs_are_cast_before_scaling():
     flat = x.reshape(-1, 16).double()
     exact = flat.T @ flat
     torch.testing.assert_close(acc.hessian.double(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max().item())
+
+
+def test_lower_triangle_gram_equals_the_full_product():
+    from methods.hessian import add_gram_
+
+    for width in (100, 256, 576, 1000, 1536):
+        x = torch.randn(300, width, dtype=torch.float64)
+        target = torch.full((width, width), 0.5, dtype=torch.float64)
+        add_gram_(target, x)
+        assert torch.allclose(target, 0.5 + x.T @ x, rtol=1e-12, atol=1e-9), width
