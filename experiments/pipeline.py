@@ -163,16 +163,22 @@ class DecoderBlockView:
         self.n_sequences = inputs.n_sequences if inputs else 0
         self.n_tokens = inputs.n_tokens if inputs else 0
         self.records: list[LayerRecord] = []
+        self.arch = arch
+        self.consumed = False  # a last_pass run replaced the inputs by mid-block residuals
 
     def _require_inputs(self) -> BlockInputs:
         if self.inputs is None:
             raise RuntimeError(
                 "this method runs the block, but the driver got no calibration data: set needs_calibration=True"
             )
+        if self.consumed:
+            raise RuntimeError(f"{self.name}: a last_pass run already replaced the block inputs by residuals")
         return self.inputs
 
     @torch.no_grad()
-    def run(self, hooks: Mapping[str, LinearHook] | None = None, stop_after: str | None = None) -> None:
+    def run(
+        self, hooks: Mapping[str, LinearHook] | None = None, stop_after: str | None = None, last_pass: bool = False
+    ) -> None:
         inputs = self._require_inputs()
         hooks = dict(hooks or {})
         if stop_after is not None and stop_after not in self.linears:
@@ -190,12 +196,24 @@ class DecoderBlockView:
                     raise _StopForward
 
             handles.append(linear.register_forward_pre_hook(pre_hook))
+        residuals: list[torch.Tensor] = []
+        keep_residual = last_pass and self.arch.residual_checkpoint is not None and self.arch.finish_supported(self.block)
+        if keep_residual:
+            checkpoint = self.block.get_submodule(self.arch.residual_checkpoint)
+            handles.append(checkpoint.register_forward_pre_hook(lambda _m, args: residuals.append(args[0])))
         try:
-            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            for i, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+                residuals.clear()
                 try:
                     self.block(hidden, **kwargs)
                 except _StopForward:
                     pass
+                if keep_residual and not residuals:
+                    keep_residual = False  # the pass stopped before the checkpoint: keep h
+                if keep_residual:
+                    # h is not needed any more: r takes its place, so memory stays one activation set
+                    inputs.hidden[i] = residuals[0].reshape(hidden.shape)
+                    self.consumed = True
         finally:
             for handle in handles:
                 handle.remove()
@@ -209,6 +227,12 @@ class DecoderBlockView:
     def advance_in_place(self) -> None:
         """Replace each input chunk by the block's output, one chunk at a time, so that inputs and
         outputs never both live in memory in full."""
+        if self.consumed:
+            assert self.inputs is not None and self.arch.finish_block is not None
+            for i, residual in enumerate(self.inputs.hidden):
+                self.inputs.hidden[i] = self.arch.finish_block(self.block, residual)
+            self.consumed = False
+            return
         inputs = self._require_inputs()
         for i, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
             inputs.hidden[i] = _block_output(self.block(hidden, **kwargs))

@@ -44,10 +44,13 @@ class BlockView(Protocol):
         self,
         hooks: Mapping[str, LinearHook] | None = None,
         stop_after: str | None = None,
+        last_pass: bool = False,
     ) -> None:
         """Run every calibration sequence through the block with its current weights, calling
         `hooks[name]` with the input of each hooked linear. With `stop_after`, each forward stops
-        as soon as that linear's input has been seen (no wasted compute after it)."""
+        as soon as that linear's input has been seen (no wasted compute after it). `last_pass`
+        promises that the method will not run the block again: the view may then keep only what
+        the output pass needs (the mid-block residual), so that pass skips the attention."""
 
     def commit(self, name: str, qweight: QuantizedWeight, seconds: float, **info: object) -> None:
         """Replace the linear's weight with `qweight.dequantize()` and record the layer."""

@@ -231,7 +231,7 @@ class GPTQ(Method):
                 # One pass per group, stopped once its inputs are seen; the inputs already carry the
                 # quantized weights of the earlier groups (§3.2). Linears sharing an input share a
                 # Hessian: the reference builds q/k/v's three times over.
-                hessians, timing = collect_hessians(block, group)
+                hessians, timing = collect_hessians(block, group, last_pass=group is groups[-1])
                 _sync(block.linears[group[0]].weight.device)
                 # The pass serves the whole group: each linear is charged an equal share.
                 share = {key: seconds / len(group) for key, seconds in timing.items()}

@@ -82,7 +82,9 @@ def input_representatives(block: BlockView) -> dict[str, str]:
     return representative
 
 
-def collect_hessians(block: BlockView, names: list[str]) -> tuple[dict[str, HessianAccumulator], dict[str, float]]:
+def collect_hessians(
+    block: BlockView, names: list[str], last_pass: bool = False
+) -> tuple[dict[str, HessianAccumulator], dict[str, float]]:
     """The Hessians of `names`, from one pass over the block's calibration inputs.
 
     One accumulator per distinct input, fed by the first linear that receives it; the pass stops as
@@ -97,7 +99,9 @@ def collect_hessians(block: BlockView, names: list[str]) -> tuple[dict[str, Hess
         for source in sources
     }
     start = time.perf_counter()
-    block.run(hooks={source: acc.add for source, acc in accumulators.items()}, stop_after=sources[-1])
+    block.run(
+        hooks={source: acc.add for source, acc in accumulators.items()}, stop_after=sources[-1], last_pass=last_pass
+    )
     pass_seconds = time.perf_counter() - start
     hessian_seconds = sum(acc.seconds for acc in accumulators.values())
     timing = {"forward_seconds": pass_seconds - hessian_seconds, "hessian_seconds": hessian_seconds}

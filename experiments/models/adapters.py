@@ -6,8 +6,10 @@ One table per family, like GPTQModel's `module_tree`; no per-model driver script
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from methods.block import ScalingGroup
@@ -28,6 +30,12 @@ class Architecture:
     sequential_groups: tuple[tuple[str, ...], ...]
     true_sequential_default: bool
     scaling_groups: tuple[ScalingGroup, ...]
+    # The module whose input is the mid-block residual stream r = h + attention(h), and the rest of
+    # the block as a function of r: a last calibration pass can keep r instead of h, and the output
+    # pass then skips the attention (None where the block is not of that shape).
+    residual_checkpoint: str | None = None
+    finish_block: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    finish_supported: Callable[[nn.Module], bool] = lambda block: True
 
     def get(self, model: nn.Module, path: str) -> nn.Module:
         return model.get_submodule(path)
@@ -37,6 +45,16 @@ class Architecture:
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         return {name: block.get_submodule(name) for name in self.linears}  # type: ignore[misc]
+
+
+def _finish_pre_norm_llama(block: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    return residual + block.mlp(block.post_attention_layernorm(residual))
+
+
+def _finish_pre_norm_opt(block: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+    flat = residual.reshape(-1, residual.shape[-1])
+    out = block.fc2(block.activation_fn(block.fc1(block.final_layer_norm(flat))))
+    return (flat + out).view(residual.shape)
 
 
 LLAMA_LIKE = Architecture(
@@ -63,6 +81,8 @@ LLAMA_LIKE = Architecture(
         ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
         ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
     ),
+    residual_checkpoint="post_attention_layernorm",
+    finish_block=_finish_pre_norm_llama,
 )
 
 OPT = Architecture(
@@ -87,6 +107,10 @@ OPT = Architecture(
         ScalingGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
         ScalingGroup("final_layer_norm", ("fc1",), "fc1"),
     ),
+    residual_checkpoint="final_layer_norm",
+    finish_block=_finish_pre_norm_opt,
+    # OPT-350m normalizes after the residual adds: its second half is not a function of r alone.
+    finish_supported=lambda block: bool(block.do_layer_norm_before),
 )
 
 ARCHITECTURES = (LLAMA_LIKE, OPT)

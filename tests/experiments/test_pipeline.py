@@ -120,3 +120,33 @@ def test_gptq_shares_one_hessian_per_distinct_input_and_counts_sequences(tiny_ll
     assert info["self_attn.o_proj"]["hessian_from"] == "self_attn.o_proj"
     # N counts sequences (6, in chunks of 4 + 2), not tokens or chunks
     assert all(r.info["hessian_sequences"] == 6 for r in report.layers)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_opt"])
+def test_last_pass_keeps_the_residual_and_outputs_are_unchanged(fixture, request):
+    """The output pass from the kept mid-block residual equals the full block forward."""
+    loaded = request.getfixturevalue(fixture)
+    ids = calib(n=4, seqlen=16)
+    arch = loaded.architecture
+    block = arch.block_list(loaded.model)[0]
+    full = capture_block_inputs(loaded.model, arch, ids, torch.device("cpu"), batch_size=2)
+    short = capture_block_inputs(loaded.model, arch, ids, torch.device("cpu"), batch_size=2)
+    DecoderBlockView(0, "b0", block, arch, full).advance_in_place()
+    view = DecoderBlockView(0, "b0", block, arch, short)
+    view.run(stop_after=arch.linears[-1], last_pass=True)
+    assert view.consumed
+    with pytest.raises(RuntimeError, match="last_pass"):
+        view.run()
+    view.advance_in_place()
+    for a, b in zip(full.hidden, short.hidden):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_last_pass_that_stops_before_the_checkpoint_keeps_the_inputs(tiny_llama):
+    ids = calib(n=2, seqlen=16)
+    arch = tiny_llama.architecture
+    inputs = capture_block_inputs(tiny_llama.model, arch, ids, torch.device("cpu"), batch_size=2)
+    before = [h.clone() for h in inputs.hidden]
+    view = DecoderBlockView(0, "b0", arch.block_list(tiny_llama.model)[0], arch, inputs)
+    view.run(stop_after="self_attn.q_proj", last_pass=True)
+    assert not view.consumed and all(torch.equal(a, b) for a, b in zip(before, inputs.hidden))

@@ -65,7 +65,7 @@ class FakeBlockView:
         self.runs: list[str | None] = []
         self.records: dict[str, dict] = {}
 
-    def run(self, hooks=None, stop_after=None) -> None:
+    def run(self, hooks=None, stop_after=None, last_pass=False) -> None:
         hooks = hooks or {}
         self.runs.append(stop_after)
 

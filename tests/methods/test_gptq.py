@@ -417,7 +417,7 @@ def test_tf32_disabled_while_solving_and_restored(make_block):
     block = make_block()
     original_run = block.run
 
-    def run(hooks=None, stop_after=None):
+    def run(hooks=None, stop_after=None, last_pass=False):
         seen.append(torch.backends.cuda.matmul.allow_tf32)
         original_run(hooks, stop_after)
 

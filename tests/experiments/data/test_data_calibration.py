@@ -55,14 +55,18 @@ def test_reproducible_by_seed_and_different_across_seeds(monkeypatch, tokenizer)
     assert not torch.equal(a, c)
 
 
-def test_pydocs_calibration_never_sees_evaluation_text(monkeypatch, tokenizer):
-    monkeypatch.setenv("QUANTLAB_DATA_DIR", "/nonexistent")
-    train_text = "\n\n".join(load_rows("pydocs", "train"))
-    test_text = "\n\n".join(load_rows("pydocs", "test"))
-    samples = calibration_samples(CalibrationSpec("pydocs", nsamples=64, seqlen=512), tokenizer)
+def assert_windows_drawn_from(samples, tokenizer, calibration_text: str, evaluation_text: str) -> None:
     for window in samples:
         text = tokenizer.decode(window)
-        assert text in train_text and text not in test_text
+        assert text in calibration_text and text not in evaluation_text
+
+
+def test_pydocs_calibration_never_sees_evaluation_text(monkeypatch, tokenizer):
+    monkeypatch.setenv("QUANTLAB_DATA_DIR", "/nonexistent")
+    samples = calibration_samples(CalibrationSpec("pydocs", nsamples=64, seqlen=512), tokenizer)
+    assert_windows_drawn_from(
+        samples, tokenizer, "\n\n".join(load_rows("pydocs", "train")), "\n\n".join(load_rows("pydocs", "test"))
+    )
 
 
 def test_c4_accepts_only_docs_longer_than_seqlen(fake_data, put_c4, tokenizer):
@@ -102,12 +106,10 @@ def test_c4_calibration_matches_the_reference_loop_on_varied_docs(fake_data, put
 
 
 def test_local_c4_calibration_uses_only_the_second_half(real_data, tokenizer):
-    calibration_docs = "\x00".join(load_rows("c4", "train"))
-    evaluation_docs = "\x00".join(load_rows("c4", "validation"))
     samples = calibration_samples(CalibrationSpec("c4", nsamples=16, seqlen=512), tokenizer)
-    for window in samples:
-        text = tokenizer.decode(window)
-        assert text in calibration_docs and text not in evaluation_docs
+    assert_windows_drawn_from(
+        samples, tokenizer, "\x00".join(load_rows("c4", "train")), "\x00".join(load_rows("c4", "validation"))
+    )
 
 
 def test_not_enough_text_names_dataset_seqlen_and_length(fake_data, put_file, put_c4, tokenizer):
