@@ -1,81 +1,94 @@
-"""`quantlab-report`: find result.json files under the given directories and print a table.
+"""`quantlab-report`: tables and plots of the result.json files under the given paths.
 
-    quantlab-report outputs/                 # markdown table of every run found
-    quantlab-report multirun/ --format csv   # csv (also: latex)
+    quantlab-report outputs/multiruns/                       # markdown: model/method/group size by bits
+    quantlab-report runs/ --format latex --metric ppl:c4      # booktabs table of C4 perplexity
+    quantlab-report runs/ --rows method,bits --columns model  # the GPTQ paper's layout
+    quantlab-report runs/ --filter method=gptq,rtn --filter tags=smollm2 --format csv
+    quantlab-report runs/ --plot pareto pareto.png            # bits per weight against perplexity
+    quantlab-report runs/1_gptq-w3/ --plot layers layers.png  # one run's per-layer weight error
+    quantlab-report runs/ --flat --format csv                 # every method entry, every field
+
+Failed and unfinished runs are left out unless --include-failed; repeated configurations keep
+their latest finished run. The same functions serve notebooks: see experiments/reporting.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
+from experiments.reporting.metrics import parse_metric
+from experiments.reporting.plots import layers_plot, pareto_plot
+from experiments.reporting.records import FP16, ReportError, load_layers, load_runs, warn
+from experiments.reporting.selection import select
+from experiments.reporting.tables import DEFAULT_COLUMNS, DEFAULT_ROWS, pivot, render_flat
 from experiments.results import RESULT_FILE
 
 
-def find_records(roots: list[Path]) -> list[tuple[Path, dict[str, Any]]]:
-    found = []
-    for root in roots:
-        paths = [root] if root.name == RESULT_FILE else sorted(root.rglob(RESULT_FILE))
-        for path in paths:
-            try:
-                found.append((path.parent, json.loads(path.read_text())))
-            except (OSError, json.JSONDecodeError) as error:
-                print(f"quantlab-report: skipping unreadable {path}: {error}", file=sys.stderr)
-    return found
+def _keys(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
 
 
-def table(records: list[tuple[Path, dict[str, Any]]]):
-    import pandas as pd
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantlab-report", description=__doc__.splitlines()[0].split(": ", 1)[1].capitalize(),
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]),
+    )
+    parser.add_argument("paths", nargs="*", type=Path, default=[Path("outputs"), Path("multirun")],
+                        help="directories searched for result.json, or result.json files (default: outputs multirun)")
+    parser.add_argument("--format", choices=["markdown", "latex", "csv"], default="markdown")
+    parser.add_argument("--rows", type=_keys, default=DEFAULT_ROWS, help="comma-separated row keys "
+                        f"(default: {','.join(DEFAULT_ROWS)})")
+    parser.add_argument("--columns", type=_keys, default=DEFAULT_COLUMNS, help="comma-separated column keys "
+                        f"(default: {','.join(DEFAULT_COLUMNS)}; '' for none)")
+    parser.add_argument("--metric", help="ppl:<dataset>, ppl_ratio:<dataset> or a numeric column "
+                        "(default: ppl of the first dataset found)")
+    parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
+                        help="keep entries whose column KEY is one of the values (repeatable, all must hold)")
+    parser.add_argument("--include-failed", action="store_true", help="show failed and unfinished runs too")
+    parser.add_argument("--digits", type=int, default=2, help="decimals of the metric (default: 2)")
+    parser.add_argument("--flat", action="store_true", help="print every selected method entry, one row each")
+    parser.add_argument("--plot", nargs=2, metavar=("pareto|layers", "OUT.png"),
+                        help="write a plot instead of printing a table")
+    return parser
 
-    rows = []
-    for run_dir, record in records:
-        row: dict[str, Any] = {
-            "run_dir": str(run_dir), "status": record.get("status"), "model": (record.get("model") or {}).get("name"),
-            "method": record.get("method"), "bits": record.get("bits"), "group_size": record.get("group_size"),
-            "avg_bits": record.get("avg_bits"),
-        }
-        for dataset, entry in ((record.get("metrics") or {}).get("ppl") or {}).items():
-            row[f"ppl_{dataset}"] = entry.get("value")
-            row[f"ppl_{dataset}_ci"] = (
-                None if entry.get("ci_low") is None else (entry["ci_high"] - entry["ci_low"]) / 2
-            )
-        for dataset, entry in ((record.get("baseline") or {}).get("ppl") or {}).items():
-            row[f"fp16_ppl_{dataset}"] = entry.get("value")
-        row["quantize_s"] = (record.get("timings") or {}).get("quantize_s")
-        row["error"] = record.get("error")
-        rows.append(row)
-    return pd.DataFrame(rows)
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="quantlab-report", description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="*", type=Path, default=[Path("outputs"), Path("multirun")])
-    parser.add_argument("--format", choices=["markdown", "csv", "latex"], default="markdown")
-    args = parser.parse_args(argv)
-    records = find_records([p for p in args.paths if p.exists()])
-    if not records:
-        print(f"quantlab-report: no {RESULT_FILE} under {', '.join(map(str, args.paths))}", file=sys.stderr)
-        return 1
-    frame = table(records)
-    if args.format == "csv":
-        print(frame.to_csv(index=False), end="")
-    elif args.format == "latex":
-        print(frame.to_latex(index=False, float_format="%.3f"))
-    else:
-        print(frame.to_markdown(index=False, floatfmt=".3f") if _has_tabulate() else frame.to_string(index=False))
+def report(args: argparse.Namespace) -> int:
+    runs = load_runs(args.paths)
+    if runs.empty:
+        raise ReportError(f"no readable {RESULT_FILE} under {', '.join(map(str, args.paths))}")
+    selected = select(runs, args.filter, args.include_failed)
+    if selected.empty:
+        failed = int(runs["status"].ne("ok").sum())
+        raise ReportError(f"{len(runs)} method entries found, none selected ({failed} from failed or unfinished "
+                          "runs: --include-failed shows them; check --filter)")
+    if args.flat:
+        text = render_flat(selected.drop(columns=["record_path"]), args.format)
+        print(text, end="" if text.endswith("\n") else "\n")
+        return 0
+    if args.plot:
+        kind, out = args.plot
+        if kind == "pareto":
+            pareto_plot(selected, parse_metric(args.metric, selected), out)
+        elif kind == "layers":
+            layers_plot(load_layers(selected[selected["method"].ne(FP16)]), out)
+        else:
+            raise ReportError(f"--plot {kind!r}: expected pareto or layers")
+        print(f"wrote {kind} plot: {out}")
+        return 0
+    table = pivot(selected, parse_metric(args.metric, selected), args.rows, args.columns, args.digits)
+    print(table.render(args.format), end="" if args.format == "csv" else "\n")
     return 0
 
 
-def _has_tabulate() -> bool:
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        import tabulate  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
+        return report(args)
+    except ReportError as error:
+        warn(str(error))
+        return 1
 
 
 if __name__ == "__main__":

@@ -150,3 +150,23 @@ def test_last_pass_that_stops_before_the_checkpoint_keeps_the_inputs(tiny_llama)
     view = DecoderBlockView(0, "b0", arch.block_list(tiny_llama.model)[0], arch, inputs)
     view.run(stop_after="self_attn.q_proj", last_pass=True)
     assert not view.consumed and all(torch.equal(a, b) for a, b in zip(before, inputs.hidden))
+
+
+def test_gptq_through_the_driver_is_bit_identical_across_runs(request):
+    from methods.gptq import GPTQ, GPTQConfig
+
+    weights = []
+    for _ in range(2):
+        loaded = request.getfixturevalue("tiny_llama") if not weights else _fresh_tiny_llama()
+        quantize_model(
+            loaded.model, loaded.architecture, GPTQ(GPTQConfig(bits=3, group_size=32, act_order=True)), calib(n=6),
+            torch.device("cpu"), batch_size=4,
+        )
+        weights.append({k: v.clone() for k, v in loaded.model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def _fresh_tiny_llama():
+    from tests.conftest import _load
+
+    return _load("tiny-llama")

@@ -1,0 +1,148 @@
+"""Figures: the bits-per-weight / perplexity Pareto plot of a sweep, and one run's per-layer error.
+
+Both draw on a bare `Figure` with the Agg canvas (no pyplot, so no display and no global state:
+safe on a headless node and inside a notebook alike) and return it, so that callers and tests can
+read its axes; given `out`, they also write a PNG there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from experiments.reporting.metrics import Metric, protocol_text
+from experiments.reporting.records import FP16, ReportError
+from experiments.reporting.tables import format_key
+
+MARKERS = "osD^vPX*"
+LOG_SCALE_SPAN = 10  # a y range wider than this factor (a collapsed 2-bit model) goes on a log axis
+MAX_ANNOTATED_POINTS = 24  # beyond this, point labels overlap more than they help
+MAX_LAYER_PANELS = 6
+BITS_AXIS_LABEL = "bits per weight (average over the quantized linears)"
+WEIGHT_ERROR_LABEL = r"relative weight error $\|W-\hat{W}\|_F\,/\,\|W\|_F$"
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _log_if_wide(ax, values: pd.Series) -> None:
+    values = values[values > 0]
+    if len(values) and values.max() / values.min() > LOG_SCALE_SPAN:
+        ax.set_yscale("log")
+
+
+def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The points no other point beats on both axes (fewer bits and lower y), by increasing x."""
+    front, best = [], float("inf")
+    for index, point in points.sort_values([x, y]).iterrows():
+        if point[y] < best:
+            front.append(index)
+            best = point[y]
+    return points.loc[front]
+
+
+def _point_label(entry: pd.Series) -> str:
+    return f"{format_key(entry['bits'], 'bits')} g{format_key(entry['group_size'], 'group_size')}"
+
+
+def _baselines(runs: pd.DataFrame, metric: Metric) -> list[tuple[str, float]]:
+    """(label, y) of the fp16 reference line(s): each model's measured baseline, or 1 for a ratio."""
+    if metric.kind == "ppl_ratio":
+        return [("fp16 baseline (16 bits/weight): ratio 1", 1.0)]
+    column = metric.baseline_column
+    if column is None or column not in runs:
+        return []
+    values = runs.dropna(subset=[column]).groupby("model", sort=True)[column].last()
+    several = len(values) > 1
+    return [(f"fp16 baseline{' ' + model if several else ''} (16 bits/weight): {value:.2f}", value)
+            for model, value in values.items()]
+
+
+def pareto_plot(runs: pd.DataFrame, metric: Metric, out: Path | str | None = None) -> Figure:
+    """Bits per weight (x) against `metric` (y) for every quantized entry in `runs`: one marker per
+    method, a line along each method's Pareto front, error bars from the 95% interval, and the
+    fp16 baseline as a dashed line."""
+    points = runs[runs["method"].ne(FP16) & runs[metric.column].notna() & runs["avg_bits"].notna()]
+    if points.empty:
+        raise ReportError(f"nothing to plot: no quantized entry has both avg_bits and {metric.column}")
+    models = sorted(points["model"].dropna().unique())
+    series = ["model", "method"] if len(models) > 1 else ["method"]
+    figure = _new_figure(7.5, 5)
+    ax = figure.add_subplot()
+    shown = [points[metric.column]]
+    for i, (key, group) in enumerate(points.groupby(series, sort=True)):
+        color, marker = f"C{i % 10}", MARKERS[i % len(MARKERS)]
+        y = group[metric.column]
+        yerr = None
+        if metric.has_interval and group[metric.ci_low].notna().all():
+            yerr = [y - group[metric.ci_low], group[metric.ci_high] - y]
+            shown += [group[metric.ci_low], group[metric.ci_high]]
+        ax.errorbar(group["avg_bits"], y, yerr=yerr, fmt=marker, color=color, capsize=3, markersize=6,
+                    label=" ".join(map(str, key)))
+        front = pareto_front(group, "avg_bits", metric.column)
+        ax.plot(front["avg_bits"], front[metric.column], "-", color=color, linewidth=1.5)
+        if len(points) <= MAX_ANNOTATED_POINTS:
+            for _, entry in group.iterrows():
+                # Alternate above/below by series: methods at equal bits would print over each other.
+                ax.annotate(_point_label(entry), (entry["avg_bits"], entry[metric.column]), textcoords="offset points",
+                            xytext=(5, 4 if i % 2 == 0 else -11), fontsize=7, color=color)
+    for label, value in _baselines(runs, metric):
+        ax.axhline(value, linestyle="--", color="0.35", linewidth=1, label=label)
+        shown.append(pd.Series([value]))
+    _log_if_wide(ax, pd.concat(shown, ignore_index=True).astype(float))
+    ax.set_xlabel(BITS_AXIS_LABEL)
+    ax.set_ylabel(metric.label)
+    protocol = protocol_text(points, metric)
+    ax.set_title(f"{', '.join(models)}: {metric.title} against bits per weight" + (f"\n{protocol}" if protocol else ""),
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if out is not None:
+        figure.savefig(out, dpi=150)
+    return figure
+
+
+def layers_plot(layers: pd.DataFrame, out: Path | str | None = None) -> Figure:
+    """Per-layer relative weight error by block index, one line per linear role (q_proj, ...),
+    one panel per method entry (a run and its comparisons side by side, on a shared y axis)."""
+    layers = layers.dropna(subset=["block", "rel_weight_error"]) if not layers.empty else layers
+    if layers.empty:
+        raise ReportError("nothing to plot: the selected entries have no per-layer records (fp16, or unfinished)")
+    entries = list(layers.groupby(["run_dir", "entry_index"], sort=False))
+    if len(entries) > MAX_LAYER_PANELS:
+        raise ReportError(f"the layers plot shows one run: {len(entries)} method entries are selected "
+                          f"(at most {MAX_LAYER_PANELS}); give one run directory or narrow with --filter")
+    roles = list(dict.fromkeys(layers["role"]))  # module order within a block: q, k, v, o, gate, up, down
+    colors = {role: f"C{i % 10}" for i, role in enumerate(roles)}
+    width = 2 + 4.5 * len(entries)
+    figure = _new_figure(width, 5)
+    axes = figure.subplots(1, len(entries), sharey=True, squeeze=False)[0]
+    for ax, (_, entry) in zip(axes, entries):
+        for role, lines in entry.groupby("role", sort=False):
+            lines = lines.sort_values("block")
+            ax.plot(lines["block"], lines["rel_weight_error"], marker=".", color=colors[role], label=role)
+        first = entry.iloc[0]
+        ax.set_title(f"{first['method']} {_point_label(first)}: {first['avg_bits']:.3f} bits/weight", fontsize=10)
+        ax.set_xlabel("transformer block index")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks are whole numbers
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel(WEIGHT_ERROR_LABEL)
+    _log_if_wide(axes[0], layers["rel_weight_error"].astype(float))
+    runs = ", ".join(dict.fromkeys(str(n) for n in layers["name"].dropna()))
+    figure.suptitle(f"{layers['model'].iloc[0]}: per-layer weight error" + (f" ({runs})" if runs else ""), fontsize=11)
+    legend = {}  # one entry per role, whichever panel drew it
+    for ax in axes:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    # Below the panels, in one row: beside them it would collide with the title of a one-panel figure.
+    figure.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=min(len(legend), int(width / 1.3)),
+                  title="linear layer role", fontsize=8)
+    if out is not None:
+        figure.savefig(out, dpi=150)
+    return figure
