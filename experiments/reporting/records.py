@@ -29,7 +29,8 @@ FP16 = "fp16"  # the method that quantizes nothing: its rows sit at 16 bits per 
 
 # Columns every frame has, in this order; per-dataset columns follow.
 RUN_COLUMNS = [
-    "run_dir", "record_path", "entry_index", "status", "error", "name", "model", "method", "bits", "group_size",
+    "run_dir", "record_path", "entry_index", "status", "error", "name", "model", "method", "method_options", "bits",
+    "group_size",
     "avg_bits", "model_bytes", "fp16_model_bytes", "calib_dataset", "calib_nsamples", "calib_seqlen",
     "calib_seed", "seed", "config_hash", "tags", "expected_source", "quantize_s", "eval_s", "started_at",
     "finished_at",
@@ -83,7 +84,28 @@ def read_record(path: Path) -> dict[str, Any] | None:
 def method_entries(record: dict[str, Any]) -> list[dict[str, Any]]:
     """The main method's fields as an entry shaped like a comparison, followed by the comparisons."""
     keys = ("method", "bits", "group_size", "avg_bits", "model_bytes", "metrics", "timings", "layers")
-    return [{k: record.get(k) for k in keys}, *(record.get("comparisons") or [])]
+    main = {k: record.get(k) for k in keys}
+    main["config"] = (record.get("config") or {}).get("method") or {}
+    return [main, *(record.get("comparisons") or [])]
+
+
+def method_options(method: str | None, config: dict[str, Any]) -> str:
+    """The method's knobs that differ from its registered defaults ("zero_in_range=True"), so two
+    variants of one method (the literature's two RTNs, GPTQ with act-order) never share a cell."""
+    if not config:
+        return ""
+    try:
+        from methods import get_method_class
+
+        defaults = get_method_class(str(method)).config_class()
+        default_of = {name: getattr(defaults, name) for name in type(defaults).field_names()}
+    except ValueError:  # a method this code does not know: show every knob
+        default_of = {}
+    changed = [
+        f"{key}={value}" for key, value in sorted(config.items())
+        if key not in ("name", "bits", "group_size") and (key not in default_of or default_of[key] != value)
+    ]
+    return ",".join(changed)
 
 
 def _interval_from_nll_delta(vs_baseline: dict[str, Any]) -> tuple[float | None, float | None]:
@@ -103,7 +125,9 @@ def entry_row(record_path: Path, record: dict[str, Any], index: int, entry: dict
     row: dict[str, Any] = {
         "run_dir": str(record_path.parent), "record_path": str(record_path), "entry_index": index,
         "status": record.get("status"), "error": record.get("error"), "name": record.get("name"),
-        "model": model.get("name"), "method": entry.get("method"), "bits": bits, "group_size": group_size,
+        "model": model.get("name"), "method": entry.get("method"),
+        "method_options": method_options(entry.get("method"), entry.get("config") or {}),
+        "bits": bits, "group_size": group_size,
         "avg_bits": entry.get("avg_bits"), "model_bytes": entry.get("model_bytes"),
         "fp16_model_bytes": record.get("fp16_model_bytes"),
         # The run's calibration set; null for runs whose methods need none (RTN).

@@ -17,7 +17,7 @@ from experiments.reporting.metrics import Metric, protocol_text
 from experiments.reporting.records import FP16, ReportError, is_null, warn
 from experiments.summary import render
 
-DEFAULT_ROWS = ["model", "method", "group_size"]
+DEFAULT_ROWS = ["model", "method", "method_options", "group_size"]
 DEFAULT_COLUMNS = ["bits"]
 DESCENDING = {"bits", "avg_bits"}  # papers list precision from high to low: W16, W4, W3
 BPW = "bpw"
@@ -75,7 +75,7 @@ def baseline_entries(runs: pd.DataFrame, metric: Metric) -> pd.DataFrame:
                 and not c.endswith("_ci_high")]
     base = pd.DataFrame({
         **{c: source[c] for c in ["run_dir", "model", "started_at", "finished_at", *protocol]},
-        "method": FP16, "bits": 16, "group_size": None, "avg_bits": 16.0, "status": "ok",
+        "method": FP16, "method_options": "", "bits": 16, "group_size": None, "avg_bits": 16.0, "status": "ok",
         "model_bytes": source["fp16_model_bytes"],
         metric.column: source[column], metric.ci_low: source[f"{column}_ci_low"],
         metric.ci_high: source[f"{column}_ci_high"],
@@ -183,6 +183,8 @@ def pivot(
     `rows` or `columns`, or narrow the selection."""
     rows = list(DEFAULT_ROWS if rows is None else rows)
     columns = list(DEFAULT_COLUMNS if columns is None else columns)
+    if "method_options" in rows and ("method_options" not in runs or runs["method_options"].fillna("").eq("").all()):
+        rows.remove("method_options")  # no variant in this selection: an empty column says nothing
     _check_keys(runs, rows + columns, "--rows/--columns")
     keys = rows + columns
     # Entries that did not measure this metric have no place in its table, unless they failed.

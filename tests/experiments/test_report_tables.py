@@ -116,3 +116,19 @@ def test_numbers_stay_readable_at_every_scale():
     assert format_number(3550157.5, 2) == "3.55e+06"
     assert format_interval(3550157.5, 2687758.5, 4689267.4, 2) == "3.55e+06 ± 1.00e+06"
     assert format_interval(12.0, None, None, 2) == "12.00"
+
+
+def test_method_variants_get_their_own_rows(tmp_path):
+    """The literature's two RTNs are different rows, never one cell."""
+    from experiments.cache import atomic_write_json
+    from experiments.results import config_hash
+    from tests.experiments.test_report_records import make_record
+
+    for zero_in_range, ppl in ((True, 30.0), (False, 20.0)):
+        record = make_record(method="rtn", bits=4, ppl={"wikitext2": ppl})
+        record["config"]["method"]["zero_in_range"] = zero_in_range
+        record["config_hash"] = config_hash(record["config"])
+        atomic_write_json(tmp_path / f"rtn-{zero_in_range}" / "result.json", record)
+    runs = load_runs([tmp_path])
+    table = pivot(runs, parse_metric("ppl:wikitext2", runs)).frame
+    assert sorted(i[2] for i in table.index if i[1] == "rtn") == ["", "zero_in_range=True"]
