@@ -36,14 +36,20 @@ def load_group_option(group: str, name: str) -> DictConfig:
 
 
 def run_from_config(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Validate, then execute; a config error still leaves a failed record in the run directory."""
-    from experiments.results import RunRecord
+    """Validate, then execute; a config error still leaves a failed record in the run directory.
+    A run directory that already holds an ok record of the same configuration is not run again
+    (re-running a sweep resumes it) unless the config says `force: true`."""
+    from experiments.results import RunRecord, finished_record
     from experiments.run import execute
     from experiments.schema import validate
 
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     container.pop("hydra", None)
+    done = None if container.get("force") else finished_record(run_dir, container)
+    if done is not None:
+        log.info("%s already holds a finished run of this config: skipped (+force=true redoes it)", run_dir)
+        return {**done, "skipped": True}
     try:
         run = validate(cfg, load_group_option)
     except Exception as error:
@@ -66,6 +72,8 @@ def app(cfg: DictConfig) -> float | None:
         print(f"quantlab: a failed record was written to {run_dir / 'result.json'}", file=sys.stderr)
         sys.exit(2)
     print()
+    if record.get("skipped"):
+        print(f"skipped: {run_dir} already holds a finished run of this config (+force=true redoes it)")
     print(render(run_rows(record)))
     print(f"protocol: {protocol_line(record)}")
     for line in (reduced_protocol_note(record), expected_line(record)):

@@ -30,7 +30,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def config_hash(config: dict[str, Any]) -> str:
     """Hash of what determines the numbers: the resolved config without paths and logging."""
-    relevant = {k: v for k, v in config.items() if k not in ("paths", "logger", "tags", "hydra")}
+    relevant = {
+        k: v for k, v in config.items() if k not in ("paths", "logger", "tags", "hydra", "force", "sweep_name")
+    }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -136,3 +138,15 @@ class RunRecord:
 
 def read_result(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / RESULT_FILE).read_text())
+
+
+def finished_record(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The run directory's record if it finished ok for this very configuration, else None:
+    what makes a re-run sweep skip the work it already did (failed or missing runs are redone)."""
+    try:
+        record = read_result(run_dir)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("status") == "ok" and record.get("config_hash") == config_hash(config):
+        return record
+    return None
