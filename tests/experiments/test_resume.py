@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from experiments.reporting import load_runs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,6 +70,10 @@ def test_a_killed_sweep_resumes_with_only_the_missing_runs(tmp_path):
     )
     runs = load_runs([tmp_path / "out"])
     assert len(runs) == 4 and runs["config_hash"].is_unique
+    # the sweep-level index lists every run once, resumed ones included
+    index = pd.read_csv(tmp_path / "out" / "multiruns" / "sweep" / "index.csv")
+    assert sorted(index["run"]) == sorted(after) and set(index["status"]) == {"ok"}
+    assert index["ppl_pydocs"].notna().all()
 
 
 def test_force_redoes_finished_runs(tmp_path):
