@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from experiments.models.loading import cache_root
+def cache_root() -> Path:
+    """$QUANTLAB_CACHE_DIR, else ~/.cache/quantlab."""
+    return Path(os.environ.get("QUANTLAB_CACHE_DIR", Path.home() / ".cache" / "quantlab"))
 
 
 def key_hash(key: dict[str, Any]) -> str:
@@ -56,14 +57,3 @@ class Cache:
 
     def put_json(self, key: dict[str, Any], value: Any) -> None:
         atomic_write_json(self._path(key, ".json"), {"key": key, "value": value})
-
-    def get_tensor(self, key: dict[str, Any]) -> torch.Tensor | None:
-        path = self._path(key, ".pt")
-        return torch.load(path, weights_only=True) if path.is_file() else None
-
-    def put_tensor(self, key: dict[str, Any], tensor: torch.Tensor) -> None:
-        import io
-
-        buffer = io.BytesIO()
-        torch.save(tensor, buffer)
-        atomic_write_bytes(self._path(key, ".pt"), buffer.getvalue())

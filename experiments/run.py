@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from experiments.cache import Cache
-from experiments.data.calibration import calibration_fingerprint, calibration_samples
+from experiments.data.calibration import calibration_set
 from experiments.data.protocols import eval_windows
 from experiments.evaluate import paired_delta, perplexity, place_for_eval, release_from_eval
 from experiments.models.loading import LoadedModel, load_model
@@ -107,11 +107,9 @@ class _Calibration:
 
     def get(self) -> torch.Tensor:
         if self.ids is None:
-            spec = self.run.calib.spec()
             start = time.perf_counter()
-            self.ids = calibration_samples(spec, self.tokenizer)
+            self.ids, self.record.data["calib"] = calibration_set(self.run.calib.spec(), self.tokenizer)
             self.record.data["timings"]["calib_data_s"] = time.perf_counter() - start
-            self.record.data["calib"] = calibration_fingerprint(spec, tokenizer=self.tokenizer)
         return self.ids
 
 
@@ -187,7 +185,6 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         for name, config_ in run.comparisons:
             loaded = model = None  # one model in memory at a time: reload a fresh full-precision copy
             loaded = load_model(run.model, run.tokenizer_model, cache_dir=run.paths.cache_path)
-            place_for_eval(loaded.model, loaded.architecture, loaded.device)
             other = get_method_class(name)(config_)
             result = _quantize_and_evaluate(loaded, other, run, sets, baseline, calibration, progress)
             comparisons.append({"method": name, "bits": config_.bits, "group_size": config_.group_size,

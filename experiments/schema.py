@@ -115,8 +115,8 @@ def _positive(value: int, what: str) -> None:
         raise ConfigError(f"{what}={value} must be a positive integer")
 
 
-def validate_method(section: DictConfig | dict) -> tuple[str, MethodConfig]:
-    section = OmegaConf.create(OmegaConf.to_container(section, resolve=True)) if isinstance(section, DictConfig) else OmegaConf.create(section)
+def validate_method(section: dict[str, Any]) -> tuple[str, MethodConfig]:
+    """A resolved method section -> (name, its registered config dataclass, validated)."""
     name = section.get("name")
     if name is None:
         raise ConfigError("config group 'method' has no 'name'")

@@ -226,6 +226,7 @@ class GPTQ(Method):
             raise ValueError(
                 f"{block.name}: sequential groups {groups} do not cover the linears {order} exactly once"
             )
+        representative = input_representatives(block)
         with tf32_disabled():
             for group in groups:
                 # One pass per group, stopped once its inputs are seen; the inputs already carry the
@@ -235,7 +236,6 @@ class GPTQ(Method):
                 _sync(block.linears[group[0]].weight.device)
                 # The pass serves the whole group: each linear is charged an equal share.
                 share = {key: seconds / len(group) for key, seconds in timing.items()}
-                representative = input_representatives(block)
                 for name in group:
                     self._solve_and_commit(block, name, hessians[name], share, representative[name])
 

@@ -5,7 +5,13 @@
 - `calibration`: GPTQ-style calibration samples (`calibration_samples`).
 """
 
-from .calibration import CALIBRATION_DATASETS, CalibrationSpec, calibration_fingerprint, calibration_samples
+from .calibration import (
+    CALIBRATION_DATASETS,
+    CalibrationSpec,
+    calibration_fingerprint,
+    calibration_samples,
+    calibration_set,
+)
 from .protocols import EVAL_DATASETS, EvalWindows, eval_windows
 from .sources import KNOWN_DATASETS, DatasetNotFound, data_dir, dataset_variant, load_rows
 
@@ -18,6 +24,7 @@ __all__ = [
     "EvalWindows",
     "calibration_fingerprint",
     "calibration_samples",
+    "calibration_set",
     "data_dir",
     "dataset_variant",
     "eval_windows",

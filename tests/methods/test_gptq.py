@@ -388,8 +388,8 @@ def test_true_sequential_one_pass_per_group_stopped_at_its_last_linear(make_bloc
         assert {"damp", "damp_retries", "dead_columns", "loss"} <= set(record)
 
 
-def test_sequences_counted_when_chunks_arrive_flattened(make_block):
-    # 7 sequences in chunks of 3, 3, 1, each hook call sees [chunk tokens, in]
+def test_sequences_counted_across_uneven_chunks(make_block):
+    # 7 sequences in chunks of 3, 3, 1, each hook call sees [chunk sequences, tokens, in]
     block = quantize(make_block(n_sequences=7, batch_size=3))
     assert block.calls["down"] == 3
     assert all(record["hessian_sequences"] == 7 for record in block.records.values())

@@ -154,3 +154,13 @@ def test_fingerprint_holds_everything_that_determines_the_tensor(monkeypatch, to
         CalibrationSpec("pydocs", 4, 128, 8), "v1"
     )
     assert calibration_fingerprint(CalibrationSpec("c4"), "v")["join"] is None
+
+
+def test_calibration_set_equals_samples_and_fingerprint_from_one_read(monkeypatch, tokenizer):
+    from experiments.data.calibration import calibration_fingerprint, calibration_set
+
+    monkeypatch.setenv("QUANTLAB_DATA_DIR", "/nonexistent")
+    spec = CalibrationSpec("pydocs", nsamples=8, seqlen=128, seed=3)
+    samples, fingerprint = calibration_set(spec, tokenizer)
+    assert torch.equal(samples, calibration_samples(spec, tokenizer))
+    assert fingerprint == calibration_fingerprint(spec, tokenizer=tokenizer)
