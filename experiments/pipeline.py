@@ -155,6 +155,7 @@ class DecoderBlockView:
         self.index = index
         self.name = name
         self.block = block
+        self.family = arch.family
         self.linears = arch.block_linears(block)
         self.sequential_groups = arch.sequential_groups
         self.true_sequential_default = arch.true_sequential_default

@@ -33,6 +33,7 @@ class ScalingGroup:
 class BlockView(Protocol):
     index: int
     name: str  # full module name, e.g. "model.layers.3"
+    family: str  # architecture family ("llama" for every llama-like model, "opt"): per-family method tables
     linears: Mapping[str, nn.Linear]  # name inside the block -> module, in execution order
     sequential_groups: Sequence[Sequence[str]]  # e.g. [k,v,q] -> [o] -> [up,gate] -> [down]
     true_sequential_default: bool  # the reference's default for this family (LLaMA on, OPT off)

@@ -52,6 +52,7 @@ class FakeBlockView:
     ) -> None:
         self.index = 0
         self.name = "layers.0"
+        self.family = "llama"
         self.module = module
         self.inputs = inputs  # [n_sequences, tokens, hidden]
         self.batch_size = batch_size
