@@ -10,7 +10,7 @@ model stays where it was loaded, so a model larger than the GPU can be quantized
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +21,7 @@ from torch import nn
 from experiments.models.adapters import Architecture
 from kernels import QuantizedWeight
 from methods.base import Method
-from methods.block import LinearHook
+from methods.block import LinearHook, ModuleCall
 
 
 class _StopForward(Exception):
@@ -219,6 +219,29 @@ class DecoderBlockView:
             for handle in handles:
                 handle.remove()
 
+    def submodule(self, name: str) -> nn.Module:
+        return self.block.get_submodule(name)
+
+    @torch.no_grad()
+    def capture(self, names: Sequence[str]) -> dict[str, list[ModuleCall]]:
+        """Each named sub-module's calls during one pass over the calibration chunks (the block's
+        output is discarded). Keyword arguments are copied shallowly: tensors are shared."""
+        inputs = self._require_inputs()
+        calls: dict[str, list[ModuleCall]] = {name: [] for name in names}
+        handles = []
+        for name in names:
+            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict, _calls=calls[name]) -> None:
+                _calls.append(ModuleCall(tuple(args), dict(kwargs)))
+
+            handles.append(self.block.get_submodule(name).register_forward_pre_hook(pre_hook, with_kwargs=True))
+        try:
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+                self.block(hidden, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return calls
+
     @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
         inputs = self._require_inputs()
@@ -265,14 +288,16 @@ def quantize_model(
     device: torch.device,
     batch_size: int = 8,
     progress: bool = True,
+    block_inputs: BlockInputs | None = None,
 ) -> QuantizationReport:
-    """Quantize every decoder-block linear of `model` in place with `method`."""
+    """Quantize every decoder-block linear of `model` in place with `method`. `block_inputs`:
+    block 0's inputs captured beforehand (from the cache); they are consumed (overwritten)."""
     from tqdm.auto import tqdm
 
     seconds: dict[str, float] = {}
     blocks = arch.block_list(model)
-    inputs: BlockInputs | None = None
-    if method.needs_calibration:
+    inputs: BlockInputs | None = block_inputs if method.needs_calibration else None
+    if method.needs_calibration and inputs is None:
         if calib_ids is None:
             raise ValueError(f"method {method.name!r} needs calibration data")
         start = time.perf_counter()

@@ -12,8 +12,12 @@ Storage convention (what `storage_bits` counts):
 - zeros: `bits` per (row, group) for integer zero-points (packed, as AutoGPTQ / AutoAWQ GEMM do),
   16 for floating zero-points (tinygemm, GGUF Q4_1), nothing for symmetric grids (implicit zero);
 - g_idx: 32 bits per input column, only when the groups are not contiguous runs of `group_size`
-  columns (act-order with dynamic groups): a contiguous layout is implied by `group_size` alone;
-- outliers: 16 bits per value plus a 32-bit index per outlier column.
+  columns (act-order with dynamic groups): a contiguous layout is implied by `group_size` alone
+  (with outlier columns: runs of the remaining columns, which is how OWQ groups them);
+- outliers: 16 bits per value (fp16, C_out values per column) plus a 32-bit index per outlier column,
+  instead of `bits` per value. OWQ's packed format (reference/methods.md §5.3) also keeps codes for
+  those columns and 4-bit zeros at 3 bits; the papers' "3.01" counts only the (16 - b) extra bits
+  per outlier value (§8). This count sits between the two and is the same for every method.
 """
 
 from __future__ import annotations
@@ -75,8 +79,18 @@ class QuantizedWeight:
 
     @property
     def groups_contiguous(self) -> bool:
-        expected = contiguous_g_idx(self.codes.shape[1], self.group_size).to(self.g_idx.device)
-        return torch.equal(self.g_idx.to(torch.int32), expected)
+        """Whether g_idx is implied by `group_size`: consecutive runs of all columns, or, with
+        outlier columns, consecutive runs of the other columns in their original order (OWQ's
+        groups; the outliers carry no codes, so their own g_idx entries are ignored)."""
+        g_idx = self.g_idx.to(torch.int32)
+        if torch.equal(g_idx, contiguous_g_idx(g_idx.numel(), self.group_size).to(g_idx.device)):
+            return True
+        if self.outlier_idx is None or not self.outlier_idx.numel():
+            return False
+        quantized = torch.ones_like(g_idx, dtype=torch.bool)
+        quantized[self.outlier_idx.long()] = False
+        g_idx = g_idx[quantized]
+        return torch.equal(g_idx, contiguous_g_idx(g_idx.numel(), self.group_size).to(g_idx.device))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The fake-quant weight: scale * (code - zero) per (row, group of the column)."""

@@ -18,6 +18,28 @@ from kernels import QuantizedWeight
 LinearHook = Callable[[torch.Tensor], None]  # receives a linear's input, [sequences, seqlen, in_features]
 
 
+@dataclass
+class ModuleCall:
+    """One call of a block's sub-module during a calibration run: the positional and keyword
+    arguments it received (tensors by reference, not copied). Replaying it on the sub-module runs
+    that part of the block again with the current weights, with everything it got inside the
+    block (position embeddings, masks): AWQ measures its loss on the whole attention this way."""
+
+    args: tuple
+    kwargs: dict
+
+    @property
+    def input(self) -> torch.Tensor:
+        """The main input: the first positional argument, else `hidden_states` (HF attention
+        modules are called with keywords only)."""
+        return self.args[0] if self.args else self.kwargs["hidden_states"]
+
+    def replay(self, module: nn.Module) -> torch.Tensor:
+        """`module`'s output for this call (the first element when it returns a tuple)."""
+        output = module(*self.args, **self.kwargs)
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+
 @dataclass(frozen=True)
 class ScalingGroup:
     """Linears that share one input, and the op right before them whose output can absorb a
@@ -55,3 +77,16 @@ class BlockView(Protocol):
 
     def commit(self, name: str, qweight: QuantizedWeight, seconds: float, **info: object) -> None:
         """Replace the linear's weight with `qweight.dequantize()` and record the layer."""
+
+    # For methods that transform the full-precision block before quantizing it (AWQ):
+
+    def submodule(self, name: str) -> nn.Module:
+        """The block's sub-module by its name inside the block (a norm, a linear, "self_attn",
+        "mlp"); a method may change its parameters only by function-preserving transforms
+        (e.g. folding a per-channel scale into a norm), before committing."""
+
+    def capture(self, names: Sequence[str]) -> Mapping[str, list[ModuleCall]]:
+        """Run every calibration sequence through the block once with its current weights and
+        return, per named sub-module, its calls in calibration order (one per chunk of sequences).
+        A linear's call holds its input; an attention's call also holds the masks and position
+        embeddings the block passed it."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ from methods.block import BlockView
 from methods.hessian import HessianAccumulator, collect_hessians, input_representatives
 
 log = logging.getLogger(__name__)
+
+
+FitFn = Callable[[torch.Tensor, quantizer.Grid], tuple[torch.Tensor, torch.Tensor]]
 
 
 class HessianNotPositiveDefinite(RuntimeError):
@@ -104,21 +108,41 @@ def gptq_quantize(
     mse: bool = False,
     max_damp_retries: int = 0,
     damp_auto_increment: float = 0.0025,
+    *,
+    order: torch.Tensor | None = None,
+    n_full_precision: int = 0,
+    fit_fn: FitFn | None = None,
+    group_fit_fn: FitFn | None = None,
 ) -> tuple[QuantizedWeight, dict]:
-    """Quantize `weight` [out, in] against `hessian` [in, in]; returns the weight and its record."""
+    """Quantize `weight` [out, in] against `hessian` [in, in]; returns the weight and its record.
+
+    OWQ's extensions (reference/methods.md §5.3; the defaults leave GPTQ untouched): `order` is an
+    explicit column order that replaces act-order's; the solver then quantizes only the first
+    in - `n_full_precision` columns of it, while its lazy updates still reach the trailing ones,
+    which are returned in fp16 as `outlier_values` holding their error-compensated values.
+    `fit_fn(W, grid)` fits the per-row (scale, zero) on the quantized columns, `group_fit_fn` each
+    group (default: GPTQ's min-max, or its clip search with `mse`)."""
     if static_groups and group_size == -1:
         raise ValueError("static_groups needs group_size != -1")
+    if order is not None and (act_order or static_groups):
+        raise ValueError("an explicit column order replaces act_order and cannot use static_groups")
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
     n_cols = W.shape[1]
-    fit = quantizer.fit_mse if mse else quantizer.fit
+    n_quant = n_cols - n_full_precision
+    if not 0 <= n_full_precision < n_cols:
+        raise ValueError(f"n_full_precision={n_full_precision} must leave at least one of {n_cols} columns")
+    fit = fit_fn or (quantizer.fit_mse if mse else quantizer.fit)
+    group_fit = group_fit_fn or fit
     G = group_size if group_size != -1 else n_cols
-    bounds = quantizer.group_bounds(n_cols, group_size)
+    bounds = quantizer.group_bounds(n_quant, group_size)
     scales = torch.zeros(W.shape[0], len(bounds), device=W.device)
     zeros = torch.zeros_like(scales)
+    if order is not None:  # OWQ permutes first, then fits on the columns it will quantize
+        W, H = W[:, order], H[order][:, order]
     # 1. Per-row parameters for group_size = -1, fitted before the dead columns are zeroed (as the reference).
     if group_size == -1:
-        scales[:, 0], zeros[:, 0] = fit(W, grid)
+        scales[:, 0], zeros[:, 0] = fit(W[:, :n_quant], grid)
     # 2. Inputs that never fire: their weights cannot matter; H_jj = 1 keeps H invertible.
     dead = torch.diag(H) == 0
     H.diagonal()[dead] = 1
@@ -128,11 +152,16 @@ def gptq_quantize(
         for g, (start, end) in enumerate(bounds):
             scales[:, g], zeros[:, g] = fit(W[:, start:end], grid)
     # 4. Act-order: largest diag(H) first.
-    perm = (
-        torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n_cols, device=W.device)
-    )
-    if act_order:
-        W, H = W[:, perm], H[perm][:, perm]
+    if order is not None:
+        perm = order.to(W.device)
+    else:
+        perm = (
+            torch.argsort(torch.diag(H), descending=True)
+            if act_order
+            else torch.arange(n_cols, device=W.device)
+        )
+        if act_order:
+            W, H = W[:, perm], H[perm][:, perm]
     # 5-6. Damping and U.
     inv_hessian_chol, damp_used, retries = inverse_hessian_chol(
         H, damp, max_damp_retries, damp_auto_increment
@@ -141,8 +170,8 @@ def gptq_quantize(
     # 7. Lazy batches: exact OBS updates inside [i1, i2), one matmul for everything to the right.
     Q, codes, losses = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(W)
     original_column = perm.tolist()
-    for i1 in range(0, n_cols, block_size):
-        i2 = min(i1 + block_size, n_cols)
+    for i1 in range(0, n_quant, block_size):
+        i2 = min(i1 + block_size, n_quant)
         W1 = W[:, i1:i2].clone()
         errors = torch.zeros_like(W1)
         U1 = inv_hessian_chol[i1:i2, i1:i2]
@@ -156,7 +185,7 @@ def gptq_quantize(
                     # Quirk (reference/methods.md §3.1, §11.13): the group is fitted on the *global* W,
                     # which lacks the in-block updates (they live in W1), so a group that starts
                     # mid-block (G < B, e.g. 32 or 64) is fitted on stale weights. G = B = 128: no effect.
-                    scales[:, g], zeros[:, g] = fit(W[:, c : c + G], grid)
+                    scales[:, g], zeros[:, g] = group_fit(W[:, c : min(c + G, n_quant)], grid)
             w, d = W1[:, i], U1[i, i]
             code = quantizer.quantize(w, scales[:, g], zeros[:, g], grid.maxq)
             q = quantizer.dequantize(code, scales[:, g], zeros[:, g])
@@ -165,13 +194,19 @@ def gptq_quantize(
             err = (w - q) / d
             W1[:, i:] -= torch.outer(err, U1[i, i:])
             errors[:, i] = err
-        W[:, i2:] -= errors @ inv_hessian_chol[i1:i2, i2:]
+        W[:, i2:] -= errors @ inv_hessian_chol[i1:i2, i2:]  # reaches the full-precision columns too
     # 8. Back to the original column order; g_idx per AutoGPTQ (reference/methods.md §3.4).
     invperm = torch.argsort(perm)
-    if static_groups or not act_order:
+    if static_groups or (not act_order and order is None):
         g_idx = torch.arange(n_cols, device=W.device) // G
     else:
         g_idx = invperm // G  # column j sat at position invperm[j]
+    outliers = {}
+    if n_full_precision:
+        kept = perm[n_quant:]
+        g_idx[kept] = 0  # they carry no codes; the packed reference stores the zero-point there
+        codes[:, n_quant:] = zeros[:, :1]
+        outliers = {"outlier_idx": kept.to(torch.int32), "outlier_values": W[:, n_quant:].to(torch.float16)}
     qweight = QuantizedWeight(
         codes=codes[:, invperm].to(torch.uint8 if grid.bits <= 8 else torch.int16),
         scales=scales,
@@ -180,6 +215,7 @@ def gptq_quantize(
         bits=grid.bits,
         group_size=group_size,
         zero_format=grid.zero_format,
+        **outliers,
     )
     info = {
         "damp": damp_used,

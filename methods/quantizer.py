@@ -158,3 +158,70 @@ def group_bounds(in_features: int, group_size: int) -> list[tuple[int, int]]:
     if group_size == -1:
         return [(0, in_features)]
     return [(start, min(start + group_size, in_features)) for start in range(0, in_features, group_size)]
+
+
+def fit_owq(
+    weight: torch.Tensor, bits: int, sym: bool = False, mse: bool = True, num: int = 100, norm: float = 2.4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OWQ's per-row quantizer (owq:owq/quant.py `find_params`, reference/methods.md §1.3, §5.3).
+
+    Returns (scale, zero) in this module's unsigned-code convention. OWQ's symmetric grid has the
+    signed levels [-2^(b-1), 2^(b-1) - 1] with zero 0; here that is codes [0, maxq] with the
+    implicit zero 2^(b-1), which rounds and clamps identically (adding an integer is exact).
+
+    `mse=False` (`--tuning minmax`): asymmetric is GPTQ's min-max exactly; symmetric uses
+    scale = max(|lo|, hi) / 2^(b-1) (all-zero rows: 1 / 2^(b-1)).
+
+    `mse=True`: a grid search unlike GPTQ's clip search. Asymmetric: for i = 1..num the range
+    width R * i / num (R = hi - lo of the 0-including range), and for every zero-point zp in
+    0..maxq the candidate range [-zp * D, R * i / num - zp * D], D = max(R * i / (num * maxq), 1e-8);
+    the row keeps the first candidate (strictly lower score) of lowest mean |w - w_hat|^norm,
+    and (scale, zero) are rebuilt from it as the reference does. Symmetric: half-ranges
+    max(|lo|, hi) * i / num, scale = max(half / 2^(b-1), 1e-8)."""
+    x = weight.float()
+    maxq = 2**bits - 1
+    half_levels = 2 ** (bits - 1)  # -minq of the signed symmetric grid
+    eps = torch.tensor(1e-8, device=x.device)
+    zero_ = torch.zeros(x.shape[0], device=x.device)
+    lo = torch.minimum(x.min(dim=1).values, zero_)
+    hi = torch.maximum(x.max(dim=1).values, zero_)
+    if not mse:
+        if sym:
+            hi = torch.maximum(lo.abs(), hi)
+            hi = torch.where((lo == 0) & (hi == 0), torch.ones_like(hi), hi)
+            return hi / half_levels, torch.full_like(hi, half_levels)
+        return _fit_gptq_minmax(x, Grid(bits, sym=False, zero_in_range=True))
+    best_score = torch.full_like(lo, 1e10)
+    if sym:
+        full = torch.maximum(lo.abs(), hi)
+        best_hi = hi.clone()
+        for i in range(1, num + 1):
+            cand = full / num * i
+            scale = torch.maximum(cand / half_levels, eps)[:, None]
+            x_q = scale * torch.clamp(torch.round(x / scale), -half_levels, half_levels - 1)
+            score = (x - x_q).abs_().pow_(norm).mean(dim=1)
+            best_hi = torch.where(score < best_score, cand, best_hi)
+            best_score = torch.minimum(score, best_score)
+        scale = torch.maximum(torch.clamp(best_hi, min=0) / half_levels, eps)
+        return scale, torch.full_like(scale, half_levels)
+    width = hi - lo
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for i in range(1, num + 1):
+        cand_hi = width / num * i
+        delta = torch.maximum(cand_hi / maxq, eps)
+        scale = delta[:, None]
+        x_round = torch.round(x / scale)
+        for zp in range(maxq + 1):
+            new_lo = zero_ - zp * delta
+            new_hi = cand_hi - zp * delta
+            zero = torch.clamp(-torch.round(new_lo / delta), 0, maxq)[:, None]
+            x_q = scale * (torch.clamp(x_round + zero, 0, maxq) - zero)
+            score = (x - x_q).abs_().pow_(norm).mean(dim=1)
+            better = score < best_score
+            best_lo = torch.where(better, new_lo, best_lo)
+            best_hi = torch.where(better, new_hi, best_hi)
+            best_score = torch.minimum(best_score, score)
+    lo_, hi_ = torch.clamp(best_lo, max=0), torch.clamp(best_hi, min=0)
+    scale = torch.maximum((hi_ - lo_) / maxq, eps)
+    zero = torch.clamp(-torch.round(lo_ / scale), 0, maxq)
+    return scale, zero

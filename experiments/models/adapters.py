@@ -103,6 +103,9 @@ OPT = Architecture(
         ScalingGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
         ScalingGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
         ScalingGroup("final_layer_norm", ("fc1",), "fc1"),
+        # awq:auto_scale.py scales fc1 -> fc2 too: exact because OPT's activation (ReLU) is
+        # positively homogeneous, relu(x / s) = relu(x) / s for s > 0.
+        ScalingGroup("fc1", ("fc2",), "fc2"),
     ),
     residual_checkpoint="final_layer_norm",
     finish_block=_finish_pre_norm_opt,

@@ -92,6 +92,30 @@ class FakeBlockView:
             for handle in handles:
                 handle.remove()
 
+    def submodule(self, name: str) -> nn.Module:
+        return self.module.get_submodule(name)
+
+    def capture(self, names):
+        """Each named sub-module's calls, one per chunk (the BlockView contract)."""
+        from methods.block import ModuleCall
+
+        calls = {name: [] for name in names}
+
+        def make_hook(name):
+            return lambda _m, args, kwargs: calls[name].append(ModuleCall(tuple(args), dict(kwargs)))
+
+        handles = [
+            self.submodule(n).register_forward_pre_hook(make_hook(n), with_kwargs=True) for n in names
+        ]
+        try:
+            with torch.no_grad():
+                for chunk in self.inputs.split(self.batch_size):
+                    self.module(chunk)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return calls
+
     def commit(self, name: str, qweight: QuantizedWeight, seconds: float, **info: object) -> None:
         linear = self.linears[name]
         linear.weight.data = qweight.dequantize(linear.weight.dtype)
