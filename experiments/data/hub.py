@@ -28,6 +28,8 @@ class HubSource:
 HUB_SOURCES: dict[str, HubSource] = {
     "wikitext2": HubSource("wikitext", "wikitext-2-raw-v1", "text"),
     "ptb": HubSource("ptb_text_only", "penn_treebank", "sentence"),
+    # llm-awq / AutoAWQ calibration text (the original the-eye.eu pile val.jsonl.zst is gone).
+    "pile": HubSource("mit-han-lab/pile-val-backup", None, "text"),
     "c4": HubSource(
         "allenai/c4",
         None,

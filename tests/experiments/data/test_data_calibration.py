@@ -129,8 +129,10 @@ def test_wikitext2_train_is_missing_offline(real_data, tokenizer):
 
 
 def test_spec_rejects_unknown_datasets_and_bad_sizes():
-    with pytest.raises(ValueError, match="c4, wikitext2, ptb, ptb-new, pydocs"):
-        CalibrationSpec("pile")
+    with pytest.raises(ValueError, match="c4, wikitext2, ptb, ptb-new, pydocs, pile"):
+        CalibrationSpec("openwebtext")
+    with pytest.raises(ValueError, match="sampling 'smooth'.*gptq, awq"):
+        CalibrationSpec("c4", sampling="smooth")
     with pytest.raises(ValueError):
         CalibrationSpec("c4", nsamples=0)
 
