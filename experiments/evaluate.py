@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 from experiments.models.adapters import Architecture
 
 LOGIT_SLICE = 512  # positions per lm_head call: bounds the fp32 logits memory
+Observer = Callable[[int, int, torch.Tensor], None]  # (first window of the batch, first position, log-probs)
 
 
 @dataclass
@@ -70,8 +72,12 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, arch: Architecture, windows: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL of each window in the batch [b, L] -> [b], computed in fp32."""
+def window_nll(
+    model: nn.Module, arch: Architecture, windows: torch.Tensor, observer: Observer | None = None, first_window: int = 0
+) -> torch.Tensor:
+    """Mean next-token NLL of each window in the batch [b, L] -> [b], computed in fp32.
+    `observer(first_window, start, log_probs)` sees each slice's fp32 log-probabilities [b, s, V]
+    (experiments/kl.py records or compares distributions there, at no second forward pass)."""
     backbone = model.get_submodule(arch.backbone)
     lm_head = model.get_output_embeddings()
     ids = windows.to(input_device(model))
@@ -82,14 +88,20 @@ def window_nll(model: nn.Module, arch: Architecture, windows: torch.Tensor) -> t
         end = min(start + LOGIT_SLICE, n_positions)
         logits = lm_head(hidden[:, start:end].to(lm_head.weight.device)).float()
         targets = ids[:, start + 1 : end + 1].to(logits.device)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        if observer is None:
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        else:  # cross_entropy is nll_loss(log_softmax): the same numbers, the log-probs shared
+            log_probs = torch.log_softmax(logits, dim=-1)
+            observer(first_window, start, log_probs)
+            nll = F.nll_loss(log_probs.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         total += nll.view(ids.shape[0], -1).sum(dim=1).double().to(total.device)
     return (total / n_positions).float()
 
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, arch: Architecture, windows: torch.Tensor, batch_size: int = 1, progress: bool = False
+    model: nn.Module, arch: Architecture, windows: torch.Tensor, batch_size: int = 1, progress: bool = False,
+    observer: Observer | None = None,
 ) -> PerplexityResult:
     from tqdm.auto import tqdm
 
@@ -99,7 +111,7 @@ def perplexity(
     nll: list[float] = []
     batches = windows.split(batch_size)
     for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
-        nll.extend(window_nll(model, arch, batch).tolist())
+        nll.extend(window_nll(model, arch, batch, observer, first_window=len(nll)).tolist())
     return summarize(nll, windows.shape[1], time.perf_counter() - start)
 
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
+from experiments import fidelity
 from experiments.cache import Cache
-from experiments.data.calibration import calibration_set
-from experiments.data.protocols import eval_windows
 from experiments.evaluate import paired_delta, perplexity, place_for_eval, release_from_eval
 from experiments.models.loading import LoadedModel, load_model
 from experiments.pipeline import QuantizationReport, quantize_model
 from experiments.results import RunRecord
+from experiments.run_cache import cached_block_inputs, cached_calibration_set, cached_eval_windows
 from experiments.schema import RunConfig
 from experiments.tracking import make_tracker
 from methods import get_method_class
@@ -40,9 +40,11 @@ def model_storage_bytes(model: torch.nn.Module, report: QuantizationReport | Non
 
 
 def _eval_sets(loaded: LoadedModel, run: RunConfig) -> dict[str, Any]:
+    """Tokenized once per (text, tokenizer, seqlen, windows) on this machine, then read from the cache."""
     ppl = run.eval.ppl
     return {
-        dataset: eval_windows(dataset, loaded.tokenizer, ppl.seqlen, ppl.max_windows) for dataset in ppl.datasets
+        dataset: cached_eval_windows(dataset, loaded.tokenizer, ppl.seqlen, ppl.max_windows, run.paths.cache_path)
+        for dataset in ppl.datasets
     }
 
 
@@ -56,13 +58,15 @@ def _baseline(loaded: LoadedModel, run: RunConfig, sets: dict[str, Any], record:
             "model": loaded.fingerprint, "dtype": str(next(loaded.model.parameters()).dtype),
             "device": loaded.device.type, "protocol": windows.protocol, "eval_code": EVAL_CODE_VERSION,
         }
-        cached = cache.get_json(key)
-        if cached is None:
+
+        def compute(windows=windows) -> dict:
+            nonlocal seconds
             result = perplexity(loaded.model, loaded.architecture, windows.input_ids, run.eval.ppl.batch_size)
             seconds += result.seconds
-            cached = result.as_dict()
-            cache.put_json(key, cached)
-        results[dataset] = cached
+            return result.as_dict()
+
+        # locked: parallel sweep workers wait for the one computing it instead of computing it too
+        results[dataset] = cache.get_or_compute_json(key, compute)
     record.data["timings"]["baseline_eval_s"] = seconds
     return results
 
@@ -99,23 +103,34 @@ def vs_expected(measured: dict[str, dict], expected: dict[str, float]) -> dict[s
 
 
 class _Calibration:
-    """The calibration tensor, drawn once and only if some method needs it."""
+    """The calibration tensor, drawn once and only if some method needs it (through the cache,
+    which also holds block 0's inputs for it unless paths.cache_block_inputs is false)."""
 
     def __init__(self, run: RunConfig, tokenizer: Any, record: RunRecord) -> None:
         self.run, self.tokenizer, self.record = run, tokenizer, record
         self.ids: torch.Tensor | None = None
+        self.key: dict[str, Any] | None = None
 
     def get(self) -> torch.Tensor:
         if self.ids is None:
             start = time.perf_counter()
-            self.ids, self.record.data["calib"] = calibration_set(self.run.calib.spec(), self.tokenizer)
+            self.ids, self.record.data["calib"], self.key = cached_calibration_set(
+                self.run.calib.spec(), self.tokenizer, self.run.paths.cache_path
+            )
             self.record.data["timings"]["calib_data_s"] = time.perf_counter() - start
         return self.ids
+
+    def block_inputs(self, loaded: LoadedModel) -> tuple[Any, float]:
+        """(block 0's inputs or None to let the driver capture them, seconds spent)."""
+        ids = self.get()
+        if not self.run.paths.cache_block_inputs or self.key is None:
+            return None, 0.0
+        return cached_block_inputs(loaded, ids, self.key, self.run.calib.batch_size, self.run.paths.cache_path)
 
 
 def _quantize_and_evaluate(
     loaded: LoadedModel, method: Method, run: RunConfig, sets: dict[str, Any], baseline: dict[str, dict],
-    calibration: _Calibration, progress: bool,
+    calibration: _Calibration, progress: bool, extras: fidelity.Baseline | None = None,
 ) -> dict[str, Any]:
     """Quantize `loaded.model` in place with `method`, then evaluate it on the same windows as the
     baseline. Returns the record fields of one method."""
@@ -123,26 +138,45 @@ def _quantize_and_evaluate(
     calib_ids = calibration.get() if method.needs_calibration else None
     release_from_eval(model)
     start = time.perf_counter()
-    report = quantize_model(model, arch, method, calib_ids, loaded.device, run.calib.batch_size, progress=progress)
+    inputs, inputs_s = calibration.block_inputs(loaded) if method.needs_calibration else (None, 0.0)
+    report = quantize_model(
+        model, arch, method, calib_ids, loaded.device, run.calib.batch_size, progress=progress, block_inputs=inputs
+    )
     timings = {"quantize_s": time.perf_counter() - start}
+    if inputs is not None:
+        timings["quantize_capture_s"] = inputs_s  # captured or read from the cache
     timings.update({f"quantize_{k}": v for k, v in report.seconds.items()})
     place_for_eval(model, arch, loaded.device)
     start = time.perf_counter()
     metrics: dict[str, dict] = {}
+    extras = extras or fidelity.Baseline()
+    kl: dict[str, dict] = {}
     for dataset, windows in sets.items():
         if not method.quantizes_weights:
             metrics[dataset] = dict(baseline[dataset])
+            if (same := fidelity.identical_kl(extras, dataset)) is not None:
+                kl[dataset] = same
         else:
-            metrics[dataset] = perplexity(model, arch, windows.input_ids, run.eval.ppl.batch_size).as_dict()
+            observer = fidelity.kl_observer(extras, dataset)  # KL inside the perplexity pass
+            metrics[dataset] = perplexity(
+                model, arch, windows.input_ids, run.eval.ppl.batch_size, observer=observer
+            ).as_dict()
+            if observer is not None:
+                kl[dataset] = observer.result()
         metrics[dataset]["vs_baseline"] = paired_delta(metrics[dataset]["window_nll"], baseline[dataset]["window_nll"])
     timings["eval_s"] = time.perf_counter() - start
+    zeroshot = fidelity.evaluate(model, loaded.tokenizer, run, extras, method.quantizes_weights)
+    if zeroshot:
+        timings["tasks_s"] = zeroshot["seconds"]
     return {
         "layers": [r.as_dict() for r in report.layers],
         "avg_bits": report.avg_bits if report.layers else 16.0,
         "model_bytes": model_storage_bytes(model, report if report.layers else None),
         "fp16_model_bytes": model_storage_bytes(model, None),
-        "metrics": {"ppl": metrics},
+        "metrics": {"ppl": metrics, **({"kl": kl} if kl else {}),
+                    **({"tasks": zeroshot["tasks"], "delta": zeroshot["delta"]} if zeroshot else {})},
         "timings": timings,
+        "_items": zeroshot.get("items") if zeroshot else None,  # per-item outcomes: written beside result.json
     }
 
 
@@ -157,6 +191,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         random.seed(run.seed)
         torch.manual_seed(run.seed)
         method = get_method_class(run.method_name)(run.method)
+        tasks = fidelity.plan(run)  # unknown tasks or missing task data fail before the model loads
 
         loaded = load_model(run.model, run.tokenizer_model, cache_dir=run.paths.cache_path)
         timings["load_s"] = loaded.load_seconds
@@ -171,10 +206,13 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         place_for_eval(model, loaded.architecture, loaded.device)
         baseline = _baseline(loaded, run, sets, record)
         record.data["baseline"]["ppl"] = baseline
+        extras = fidelity.compute_baseline(loaded, run, sets, tasks, record)
         calibration = _Calibration(run, loaded.tokenizer, record)
 
-        result = _quantize_and_evaluate(loaded, method, run, sets, baseline, calibration, progress)
+        result = _quantize_and_evaluate(loaded, method, run, sets, baseline, calibration, progress, extras)
         timings.update(result.pop("timings"))
+        if (items := result.pop("_items")) is not None:
+            fidelity.write_items(run_dir, f"{run.method_name} W{run.bits} g{run.group_size}", items)
         record.data.update(result)
         if run.expected is not None:
             record.data["expected"] = asdict(run.expected)
@@ -186,7 +224,9 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
             loaded = model = None  # one model in memory at a time: reload a fresh full-precision copy
             loaded = load_model(run.model, run.tokenizer_model, cache_dir=run.paths.cache_path)
             other = get_method_class(name)(config_)
-            result = _quantize_and_evaluate(loaded, other, run, sets, baseline, calibration, progress)
+            result = _quantize_and_evaluate(loaded, other, run, sets, baseline, calibration, progress, extras)
+            if (items := result.pop("_items")) is not None:
+                fidelity.write_items(run_dir, f"{name} W{config_.bits} g{config_.group_size}", items)
             comparisons.append({"method": name, "bits": config_.bits, "group_size": config_.group_size,
                                 "config": asdict(config_), **result})
             record.write()

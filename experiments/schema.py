@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import methods
-from experiments.data.calibration import CALIBRATION_DATASETS, CalibrationSpec
+from experiments.data.calibration import CALIBRATION_DATASETS, SAMPLINGS, CalibrationSpec
 from experiments.data.protocols import EVAL_DATASETS
 from experiments.models.loading import DTYPES, ModelSpec
 from methods.base import ConfigError, MethodConfig
@@ -30,9 +30,10 @@ class CalibConfig:
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 8
+    sampling: str = "gptq"  # gptq: random seqlen windows; awq: nsamples lines -> seqlen-token blocks
 
     def spec(self) -> CalibrationSpec:
-        return CalibrationSpec(self.dataset, self.nsamples, self.seqlen, self.seed)
+        return CalibrationSpec(self.dataset, self.nsamples, self.seqlen, self.seed, self.sampling)
 
 
 @dataclass
@@ -44,8 +45,25 @@ class PPLConfig:
 
 
 @dataclass
+class KLConfig:
+    """KL to the full-precision model over the perplexity windows (experiments/kl.py)."""
+
+    enabled: bool = False
+    top_k: int = 32  # baseline log-probs kept per position (exact part of the KL)
+    tail_samples: int = 32  # tokens drawn from the baseline's tail per position (unbiased tail); 0: a lower bound
+    datasets: list[str] | None = None  # null: every eval.ppl dataset
+    max_windows: int | None = None  # a further cap on eval.ppl.max_windows (the summary's disk size)
+
+
+@dataclass
 class EvalConfig:
     ppl: PPLConfig = field(default_factory=PPLConfig)
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names (experiments/zeroshot)
+    task_source: str = "auto"  # auto: local files when the hub is off, else the hub; or local / hub
+    num_fewshot: int = 0
+    limit: int | None = None  # first N items of each task (lm-eval's --limit): a reduced protocol
+    batch_size: int = 1  # lm-eval's batch size for the tasks
+    kl: KLConfig = field(default_factory=KLConfig)
 
 
 @dataclass
@@ -72,6 +90,9 @@ class PathsConfig:
     output_dir: str = "outputs"
     data_dir: str = "data"
     cache_dir: str = "~/.cache/quantlab"
+    # block 0's inputs are nsamples x seqlen x hidden values (Llama-2-7B at 128 x 2048: 2 GB in
+    # fp16): false keeps them out of the cache for huge models
+    cache_block_inputs: bool = True
 
     @property
     def cache_path(self) -> Path:
@@ -113,6 +134,31 @@ def _choice(value: str, valid: tuple[str, ...] | list[str], what: str) -> None:
 def _positive(value: int, what: str) -> None:
     if value < 1:
         raise ConfigError(f"{what}={value} must be a positive integer")
+
+
+def _validate_zeroshot(evaluation: EvalConfig) -> None:
+    """eval.tasks / eval.kl knobs; whether each task's data is there is checked when the run
+    resolves its tasks (experiments/zeroshot/tasks.py), still before the model loads."""
+    _choice(evaluation.task_source, ("auto", "local", "hub"), "eval.task_source")
+    _positive(evaluation.batch_size, "eval.batch_size")
+    if evaluation.num_fewshot < 0:
+        raise ConfigError(f"eval.num_fewshot={evaluation.num_fewshot} must be 0 or more")
+    if evaluation.limit is not None:
+        _positive(evaluation.limit, "eval.limit")
+    if len(set(evaluation.tasks)) != len(evaluation.tasks):
+        raise ConfigError(f"eval.tasks lists a task twice: {evaluation.tasks}")
+    kl = evaluation.kl
+    _positive(kl.top_k, "eval.kl.top_k")
+    if kl.tail_samples < 0:
+        raise ConfigError(f"eval.kl.tail_samples={kl.tail_samples} must be 0 (lower bound) or more")
+    if kl.max_windows is not None:
+        _positive(kl.max_windows, "eval.kl.max_windows")
+    for dataset in kl.datasets or []:
+        if dataset not in evaluation.ppl.datasets:
+            raise ConfigError(
+                f"eval.kl.datasets names {dataset!r}, which eval.ppl.datasets ({evaluation.ppl.datasets}) does "
+                "not evaluate: KL is computed inside the perplexity pass"
+            )
 
 
 def validate_method(section: dict[str, Any]) -> tuple[str, MethodConfig]:
@@ -163,6 +209,7 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
     method_name, method = validate_method(resolved["method"])
     calib = _typed(CalibConfig, resolved["calib"], "calib")
     _choice(calib.dataset, CALIBRATION_DATASETS, "calib.dataset")
+    _choice(calib.sampling, SAMPLINGS, "calib.sampling")
     for knob in ("nsamples", "seqlen", "batch_size"):
         _positive(getattr(calib, knob), f"calib.{knob}")
     evaluation = _typed(EvalConfig, resolved["eval"], "eval")
@@ -172,6 +219,7 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
     _positive(evaluation.ppl.batch_size, "eval.ppl.batch_size")
     if evaluation.ppl.max_windows is not None:
         _positive(evaluation.ppl.max_windows, "eval.ppl.max_windows")
+    _validate_zeroshot(evaluation)
     logger = _typed(LoggerConfig, resolved["logger"], "logger")
     _choice(logger.name, ("none", "wandb"), "logger")
     _choice(logger.mode, ("online", "offline", "disabled"), "logger.mode")

@@ -15,6 +15,42 @@ def _ppl_cell(entry: dict[str, Any] | None) -> str:
     return f"{value:.3f} ± {half:.3f}"
 
 
+def _task_cell(entry: dict[str, Any] | None, delta: dict[str, Any] | None = None) -> str:
+    """acc ± stderr in %, and for a quantized model its paired difference to the baseline with the
+    bootstrap interval, marked * when the interval excludes 0."""
+    if not entry or entry.get("acc") is None:
+        return "-"
+    cell = f"{100 * entry['acc']:.1f}"
+    if entry.get("stderr") is not None:
+        cell += f" ± {100 * entry['stderr']:.1f}"
+    if delta and delta.get("value") is not None:
+        mark = "*" if delta.get("significant") else ""
+        cell += f" ({100 * delta['value']:+.1f} [{100 * delta['ci_low']:+.1f}, {100 * delta['ci_high']:+.1f}]{mark})"
+    return cell
+
+
+def _kl_cell(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("mean_kl") is None:
+        return "-"
+    return f"{entry['mean_kl']:.4f} / {100 * entry['top1_agreement']:.1f}%"
+
+
+def fidelity_columns(record: dict[str, Any], entry: dict[str, Any] | None) -> dict[str, str]:
+    """Task accuracy and KL columns of one row: the baseline's when `entry` is None."""
+    metrics = (entry or {}).get("metrics") or {}
+    baseline = (record.get("baseline") or {}).get("tasks") or {}
+    tasks = list(((record.get("metrics") or {}).get("tasks") or {}) or baseline)
+    columns = {}
+    for task in tasks:
+        if entry is None:
+            columns[f"acc {task}"] = _task_cell(baseline.get(task))
+        else:
+            columns[f"acc {task}"] = _task_cell((metrics.get("tasks") or {}).get(task), (metrics.get("delta") or {}).get(task))
+    for dataset in ((record.get("metrics") or {}).get("kl") or {}):
+        columns[f"KL/top1 {dataset}"] = "0 / 100%" if entry is None else _kl_cell((metrics.get("kl") or {}).get(dataset))
+    return columns
+
+
 def run_rows(record: dict[str, Any]) -> list[dict[str, str]]:
     """The baseline row and the method row of one run, for a side-by-side table."""
     datasets = list((record.get("metrics") or {}).get("ppl", {}) or (record.get("baseline") or {}).get("ppl", {}))
@@ -25,6 +61,7 @@ def run_rows(record: dict[str, Any]) -> list[dict[str, str]]:
     rows.append({
         "run": "fp16 (baseline)", "bits/weight": "16",
         **{f"ppl {d}": _ppl_cell(baseline.get(d)) for d in datasets},
+        **fidelity_columns(record, None),
         "size MB": f"{fp_bytes / 1e6:.1f}" if fp_bytes else "-",
         "seconds": f"{timings.get('baseline_eval_s', 0):.1f} (eval{', cached' if not timings.get('baseline_eval_s') else ''})",
     })
@@ -38,6 +75,7 @@ def run_rows(record: dict[str, Any]) -> list[dict[str, str]]:
             "run": f"{entry.get('method')} W{entry.get('bits')} g{entry.get('group_size')}",
             "bits/weight": f"{entry['avg_bits']:.3f}" if entry.get("avg_bits") else "-",
             **{f"ppl {d}": _ppl_cell(entry["metrics"]["ppl"].get(d)) for d in datasets},
+            **fidelity_columns(record, entry),
             "size MB": f"{entry['model_bytes'] / 1e6:.1f}" if entry.get("model_bytes") else "-",
             "seconds": f"{quant_s:.1f} quantize + {entry_timings.get('eval_s', 0):.1f} eval",
         })
@@ -63,6 +101,10 @@ def reduced_protocol_note(record: dict[str, Any]) -> str | None:
         if protocol.get("n_windows") != protocol.get("n_windows_total") or protocol.get("seqlen") != PAPER_SEQLEN:
             notes.append(f"{dataset} on {protocol.get('n_windows')} of {protocol.get('n_windows_total')} windows of "
                          f"{protocol.get('seqlen')} tokens (papers: every window of {PAPER_SEQLEN})")
+    for task, protocol in (record.get("eval_protocol") or {}).get("tasks", {}).items():
+        if protocol.get("limit") is not None or protocol.get("num_fewshot"):
+            notes.append(f"{task} on the first {protocol.get('limit')} items, {protocol.get('num_fewshot')}-shot "
+                         "(papers: every item, 0-shot)")
     calib = record.get("calib")
     if calib and (calib.get("nsamples"), calib.get("seqlen")) != PAPER_CALIBRATION:
         notes.append(f"calibration {calib.get('nsamples')} x {calib.get('seqlen')} "

@@ -26,6 +26,28 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def fidelity_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """Zero-shot accuracies (with stderr), the baseline's, the paired deltas with their interval
+    and flips, and KL to the baseline: flat wandb keys."""
+    metrics, baseline = record.get("metrics") or {}, record.get("baseline") or {}
+    out: dict[str, Any] = {}
+    for prefix, tasks in (("tasks", metrics.get("tasks") or {}), ("baseline_tasks", baseline.get("tasks") or {})):
+        for task, entry in tasks.items():
+            for name in ("acc", "acc_norm", "stderr", "acc_norm_stderr", "perplexity", "n"):
+                if entry.get(name) is not None:
+                    out[f"{prefix}/{task}/{name}"] = entry[name]
+    for task, delta in (metrics.get("delta") or {}).items():
+        for name in ("value", "ci_low", "ci_high", "gained", "lost", "significant"):
+            out[f"delta/{task}/{name}"] = delta.get(name)
+        for name in ("value", "ci_low", "ci_high"):
+            if "acc_norm" in delta:
+                out[f"delta/{task}/acc_norm/{name}"] = delta["acc_norm"].get(name)
+    for dataset, kl in (metrics.get("kl") or {}).items():
+        for name in ("mean_kl", "ci_low", "ci_high", "top1_agreement"):
+            out[f"kl/{dataset}/{name}"] = kl.get(name)
+    return out
+
+
 class Tracker:
     def start(self, run_dir: Path, name: str, config: dict[str, Any]) -> None: ...
     def finish(self, record: dict[str, Any]) -> None: ...
@@ -62,6 +84,7 @@ class WandbTracker(Tracker):
                 summary[f"ppl/{dataset}"] = ppl.get("value")
             for dataset, ppl in record.get("baseline", {}).get("ppl", {}).items():
                 summary[f"baseline_ppl/{dataset}"] = ppl.get("value")
+            summary.update(fidelity_summary(record))
             summary.update({f"timings/{k}": v for k, v in record.get("timings", {}).items()})
             self.run.log({k: v for k, v in summary.items() if v is not None})
             layers = record.get("layers") or []
@@ -75,6 +98,17 @@ class WandbTracker(Tracker):
         finally:
             self.run.finish(exit_code=0 if record["status"] == "ok" else 1)
             self.run = None
+
+
+def group_by_sweep(cfg: Any) -> None:
+    """In a sweep, a wandb logger with no group of its own takes the sweep's name: one wandb group
+    per sweep, one wandb run per job (each job starts and finishes its own run)."""
+    from omegaconf import open_dict
+
+    logger = cfg.get("logger")
+    if logger is not None and logger.get("name") == "wandb" and logger.get("group") is None:
+        with open_dict(cfg):
+            cfg.logger.group = cfg.get("sweep_name")
 
 
 def make_tracker(settings: LoggerConfig) -> Tracker:

@@ -1,0 +1,87 @@
+"""Uncertainty of zero-shot accuracies, and paired comparisons on the same items.
+
+Two accuracies measured on the same items are strongly correlated (the hard items are hard for
+both models), so comparing two independent intervals grossly overstates the uncertainty of their
+difference. The paired bootstrap resamples *items*, keeping each item's pair of outcomes together:
+its interval is for the difference itself, and it collapses to exactly zero for a model compared
+with itself. The seed is fixed, so the same two runs always give the same interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+
+def mean_stderr(values: Sequence[float]) -> float | None:
+    """Standard error of a mean: sample standard deviation / sqrt(n), lm-eval's `mean_stderr`."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
+
+
+def paired_bootstrap(
+    quantized: Sequence[float], baseline: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED, confidence: float = 0.95,
+) -> dict[str, float | int | bool]:
+    """Mean difference (quantized - baseline) over the same items, with a percentile bootstrap
+    interval, and how many items flipped each way (for 0/1 outcomes).
+
+    A bootstrap resample's mean depends only on how many times each distinct difference value is
+    drawn, so the resamples are drawn as multinomial counts over the distinct values: the same
+    distribution as resampling item indices, in O(resamples x distinct values) instead of
+    O(resamples x items) (accuracy differences take at most the three values -1, 0, 1)."""
+    if len(quantized) != len(baseline):
+        raise ValueError(f"paired comparison needs the same items: {len(quantized)} vs {len(baseline)}")
+    n = len(quantized)
+    if n == 0:
+        raise ValueError("paired comparison of zero items")
+    diffs = np.asarray(quantized, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    values, counts = np.unique(diffs, return_counts=True)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(n, counts / n, size=resamples)
+    means = draws @ values / n
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    value = float(diffs.mean())
+    # quantiles of identical numbers can come back one ulp off; a zero-spread sample has a zero-width interval
+    if len(values) == 1:
+        low = high = value
+    gained = int(sum(1 for q, b in zip(quantized, baseline) if q > b))
+    lost = int(sum(1 for q, b in zip(quantized, baseline) if q < b))
+    return {
+        "value": value, "ci_low": float(low), "ci_high": float(high), "n": n, "gained": gained, "lost": lost,
+        "significant": bool(high < 0 or low > 0), "resamples": resamples, "seed": seed,
+    }
+
+
+def align(quantized_ids: Sequence[int], baseline_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Index pairs (i_quantized, i_baseline) of the items both runs evaluated, by doc_id."""
+    where = {doc_id: i for i, doc_id in enumerate(baseline_ids)}
+    return [(i, where[doc_id]) for i, doc_id in enumerate(quantized_ids) if doc_id in where]
+
+
+def task_delta(quantized_items: dict[str, list], baseline_items: dict[str, list]) -> dict | None:
+    """Paired difference of one task's accuracy to the baseline's on the same items: acc at the
+    top level, acc_norm (where the task has it) nested under its name."""
+    pairs = align(quantized_items["doc_id"], baseline_items["doc_id"])
+    if not pairs:
+        return None
+    out: dict = {}
+    for metric in ("acc", "acc_norm"):
+        if metric in quantized_items and metric in baseline_items:
+            q = [quantized_items[metric][i] for i, _ in pairs]
+            b = [baseline_items[metric][j] for _, j in pairs]
+            delta = paired_bootstrap(q, b)
+            if metric == "acc":
+                out.update(metric="acc", **delta)
+            else:
+                out[metric] = delta
+    return out or None
