@@ -118,6 +118,11 @@ class _Calibration:
                 self.run.calib.spec(), self.tokenizer, self.run.paths.cache_path
             )
             self.record.data["timings"]["calib_data_s"] = time.perf_counter() - start
+            # What the method saw: with AWQ's sampling, nsamples counts lines, not sequences.
+            n_sequences, seqlen_used = self.ids.shape
+            self.record.data["calib"] = {
+                **self.record.data["calib"], "n_sequences": n_sequences, "seqlen_used": seqlen_used
+            }
         return self.ids
 
     def block_inputs(self, loaded: LoadedModel) -> tuple[Any, float]:

@@ -132,5 +132,9 @@ def protocol_line(record: dict[str, Any]) -> str:
         )
     calib = record.get("calib")
     if calib:
-        parts.append(f"calibration: {calib.get('dataset')} {calib.get('nsamples')} x {calib.get('seqlen')}, seed {calib.get('seed')}")
+        if str(calib.get("sampling", "")).startswith("awq"):
+            shape = f"{calib.get('nsamples')} lines -> {calib.get('n_sequences', '?')} x {calib.get('seqlen')} (awq sampling)"
+        else:
+            shape = f"{calib.get('nsamples')} x {calib.get('seqlen')}"
+        parts.append(f"calibration: {calib.get('dataset')} {shape}, seed {calib.get('seed')}")
     return "; ".join(parts)

@@ -47,6 +47,8 @@ def test_quantlab_method_awq_on_tiny_llama_writes_an_ok_record(tmp_path, data_di
     assert record["status"] == "ok" and record["method"] == "awq"
     assert record["config"]["method"]["duo_scaling"] is False and record["config"]["method"]["clip"] is True
     assert record["calib"]["sampling"].startswith("awq:") and record["calib"]["seed"] == 42
+    # 4 lines of pydocs hold more than 64 tokens but fewer than 4 x 512: the blocks are counted
+    assert record["calib"]["seqlen_used"] == 64 and 1 <= record["calib"]["n_sequences"]
     layers = record["layers"]
     assert len(layers) == 14 and all(layer["bits"] == 3 for layer in layers)
     for layer in layers:
