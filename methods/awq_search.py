@@ -28,6 +28,7 @@ from torch import nn
 from kernels.quantized_weight import contiguous_g_idx
 from methods import quantizer
 from methods.block import ModuleCall
+from methods.rtn import fit_groups
 
 SCALE_FLOOR = 1e-4  # the clamp on s before normalization, in both references
 DUO_EPS = 1e-4  # AutoAWQ: x^a / (w^(1-a) + 1e-4)
@@ -58,14 +59,13 @@ def _fake_quantize_last_dim(w: torch.Tensor, grid: quantizer.Grid) -> torch.Tens
 
 
 def pseudo_quantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """The fp32 fake-quant weight of `weight` [out, in], groups of `group_size` along each row."""
+    """The fp32 fake-quant weight of `weight` [out, in], groups of `group_size` along each row
+    (RTN's group fit, so a shorter last group is handled the same way)."""
     w = weight.float()
     grid = awq_grid(bits)
-    parts = []
-    for start, end, size in _segments(w.shape[1], group_size):
-        seg = w[:, start:end].reshape(w.shape[0], -1, size)
-        parts.append(_fake_quantize_last_dim(seg, grid).reshape(w.shape[0], end - start))
-    return torch.cat(parts, dim=1)
+    scales, zeros = fit_groups(w, grid, group_size)
+    index = contiguous_g_idx(w.shape[1], group_size).long().to(w.device)
+    return quantizer.fake_quantize(w, scales[:, index], zeros[:, index], grid.maxq)
 
 
 def activation_mean(inputs: Sequence[torch.Tensor]) -> torch.Tensor:

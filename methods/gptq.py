@@ -275,15 +275,19 @@ class GPTQ(Method):
                 for name in group:
                     self._solve_and_commit(block, name, hessians[name], share, representative[name])
 
+    def solve(self, block: BlockView, name: str, hessian: torch.Tensor) -> tuple[QuantizedWeight, dict]:
+        """One linear against its Hessian; variants of GPTQ (OWQ) override only this."""
+        return gptq_quantize(block.linears[name].weight, hessian, self.config.grid(), **self.config.solver_options())
+
     def _solve_and_commit(
         self, block: BlockView, name: str, acc: HessianAccumulator, timing: dict[str, float], owner: str
     ) -> None:
-        cfg, linear = self.config, block.linears[name]
+        linear = block.linears[name]
         if acc.n_sequences == 0:
             raise RuntimeError(f"{block.name}.{name}: no calibration input reached this linear")
         start = time.perf_counter()
         try:
-            qweight, info = gptq_quantize(linear.weight, acc.hessian, cfg.grid(), **cfg.solver_options())
+            qweight, info = self.solve(block, name, acc.hessian)
         except HessianNotPositiveDefinite as exc:
             raise HessianNotPositiveDefinite(f"{block.name}.{name}: {exc}") from None
         _sync(linear.weight.device)

@@ -19,7 +19,6 @@ but ~10 s per 1536 x 576 matrix on one CPU core (a CPU SmolLM2-135M run takes te
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -30,8 +29,7 @@ from kernels import QuantizedWeight
 from methods import quantizer
 from methods.base import ConfigError, MethodConfig, register
 from methods.block import BlockView
-from methods.gptq import GPTQ, HessianNotPositiveDefinite, _sync, gptq_quantize
-from methods.hessian import HessianAccumulator
+from methods.gptq import GPTQ, gptq_quantize
 
 # owq:model_config.json "ratios": each layer type gets about d^2 of fp16 "column budget" per block.
 # Keyed by role: a linear's last name component without "_proj" (q_proj -> q, out_proj -> out).
@@ -205,34 +203,15 @@ class OWQ(GPTQ):
         in_features = block.linears[name].in_features
         return weak_column_count(block.family, name, in_features, cfg.bits, cfg.effective_target_bits)
 
-    def _solve_and_commit(
-        self, block: BlockView, name: str, acc: HessianAccumulator, timing: dict[str, float], owner: str
-    ) -> None:
+    def solve(self, block: BlockView, name: str, hessian: torch.Tensor) -> tuple[QuantizedWeight, dict]:
         cfg: OWQConfig = self.config  # type: ignore[assignment]
         linear = block.linears[name]
-        if acc.n_sequences == 0:
-            raise RuntimeError(f"{block.name}.{name}: no calibration input reached this linear")
         n_weak = self.n_weak(block, name)
         if n_weak >= linear.in_features:
             raise ConfigError(
                 f"{block.name}.{name}: {n_weak} weak columns for {linear.in_features} inputs; lower "
                 "method.n_outliers or method.target_bits"
             )
-        start = time.perf_counter()
-        try:
-            qweight, info = owq_quantize(linear.weight, acc.hessian, n_weak, cfg)
-        except HessianNotPositiveDefinite as exc:
-            raise HessianNotPositiveDefinite(f"{block.name}.{name}: {exc}") from None
-        _sync(linear.weight.device)
-        solver_seconds = time.perf_counter() - start
-        block.commit(
-            name,
-            qweight,
-            seconds=timing["hessian_seconds"] + timing["forward_seconds"] + solver_seconds,
-            solver_seconds=solver_seconds,
-            **timing,
-            hessian_sequences=acc.n_sequences,
-            hessian_from=owner,
-            target_bits=None if cfg.n_outliers is not None else cfg.effective_target_bits,
-            **info,
-        )
+        qweight, info = owq_quantize(linear.weight, hessian, n_weak, cfg)
+        info["target_bits"] = None if cfg.n_outliers is not None else cfg.effective_target_bits
+        return qweight, info
