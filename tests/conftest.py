@@ -9,6 +9,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -17,7 +19,29 @@ from omegaconf import DictConfig  # noqa: E402
 
 from experiments.cli import CONF_DIR, load_group_option  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# LLaMA-7B's linears, name -> (C_out, C_in): the shapes OWQ's published column counts and bits refer to.
+LLAMA7B_LINEARS = {
+    "self_attn.q_proj": (4096, 4096),
+    "self_attn.k_proj": (4096, 4096),
+    "self_attn.v_proj": (4096, 4096),
+    "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (11008, 4096),
+    "mlp.up_proj": (11008, 4096),
+    "mlp.down_proj": (4096, 11008),
+}
+
+
+def run_quantlab(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """`quantlab ARGS` in a fresh process, offline, with extra environment variables (e.g.
+    QUANTLAB_OUTPUT_DIR); the caller checks the exit status and output."""
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", **env)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.cli", *args],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
 
 
 def compose_config(*overrides: str) -> DictConfig:

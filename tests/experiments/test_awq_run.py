@@ -2,21 +2,13 @@
 its time split, calibrated with AWQ's own sampling rule."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import run_quantlab
+from tests.experiments.test_run_cache import private_cache
 
 
 def test_quantlab_method_awq_on_tiny_llama_writes_an_ok_record(tmp_path, data_dir):
-    from experiments.cache import cache_root
-
-    cache = tmp_path / "cache"  # a private baseline cache sharing the converted models (no re-conversion)
-    cache.mkdir()
-    if (cache_root() / "models").exists():
-        (cache / "models").symlink_to(cache_root() / "models")
+    cache = private_cache(tmp_path)
     overrides = [
         "model=tiny-llama",
         "method=awq",
@@ -33,15 +25,7 @@ def test_quantlab_method_awq_on_tiny_llama_writes_an_ok_record(tmp_path, data_di
         f"paths.cache_dir={cache}",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", QUANTLAB_DATA_DIR=str(data_dir))
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", *overrides],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_quantlab(*overrides, QUANTLAB_DATA_DIR=str(data_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     assert record["status"] == "ok" and record["method"] == "awq"

@@ -5,7 +5,6 @@ aggregates them, and the shipped SLURM example composes."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.image
@@ -15,6 +14,7 @@ from experiments.cache import computations, read_events
 from experiments.report import main as report_main
 from experiments.reporting import load_runs, pareto_plot, parse_metric
 from experiments.reporting.plots import BITS_AXIS_LABEL
+from tests.conftest import run_quantlab
 from tests.experiments.test_run_cache import kinds, private_cache
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,21 +33,9 @@ TINY_SWEEP = [
 def quantlab(
     tmp_path: Path, cache: Path, *overrides: str, timeout: float = 300
 ) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        WANDB_MODE="offline",
-        QUANTLAB_OUTPUT_DIR=str(tmp_path / "out"),
-        WANDB_DIR=str(tmp_path / "wandb-home"),
-    )
-    done = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "-m", *TINY_SWEEP, *overrides, f"paths.cache_dir={cache}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    done = run_quantlab(
+        "-m", *TINY_SWEEP, *overrides, f"paths.cache_dir={cache}", timeout=timeout,
+        QUANTLAB_OUTPUT_DIR=str(tmp_path / "out"), WANDB_DIR=str(tmp_path / "wandb-home"),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done

@@ -5,16 +5,7 @@ import torch
 
 from kernels import QuantizedWeight
 from methods.owq import weak_column_count
-
-LLAMA7B = {  # name -> (C_out, C_in)
-    "self_attn.q_proj": (4096, 4096),
-    "self_attn.k_proj": (4096, 4096),
-    "self_attn.v_proj": (4096, 4096),
-    "self_attn.o_proj": (4096, 4096),
-    "mlp.gate_proj": (11008, 4096),
-    "mlp.up_proj": (11008, 4096),
-    "mlp.down_proj": (4096, 11008),
-}
+from tests.conftest import LLAMA7B_LINEARS as LLAMA7B
 
 
 def synthetic(c_out, c_in, bits, n_out, group_size=-1, sym=False):

@@ -6,6 +6,7 @@ from methods.gptq import GPTQ, GPTQConfig, gptq_quantize
 from methods.hessian import HessianAccumulator
 from methods.owq import OWQ, OWQConfig, column_order, owq_quantize, sensitivity, weak_column_count
 from methods.quantizer import Grid
+from tests.conftest import LLAMA7B_LINEARS as LLAMA7B
 
 
 @pytest.fixture(autouse=True)
@@ -254,15 +255,6 @@ def test_asymmetric_minmax_is_gptqs_grid():
 
 # --- column counts --------------------------------------------------------------------------
 
-LLAMA7B = {  # name -> (C_out, C_in)
-    "self_attn.q_proj": (4096, 4096),
-    "self_attn.k_proj": (4096, 4096),
-    "self_attn.v_proj": (4096, 4096),
-    "self_attn.o_proj": (4096, 4096),
-    "mlp.gate_proj": (11008, 4096),
-    "mlp.up_proj": (11008, 4096),
-    "mlp.down_proj": (4096, 11008),
-}
 OPT67B = {  # OPT-6.7B: d = 4096, ffn 16384
     "self_attn.q_proj": (4096, 4096),
     "self_attn.k_proj": (4096, 4096),

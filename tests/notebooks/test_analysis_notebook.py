@@ -2,14 +2,12 @@
 API as quantlab-report, and draws its plots. The committed notebook carries no outputs."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 
+from tests.conftest import run_quantlab
 from tests.experiments.test_run_cache import private_cache
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,30 +21,18 @@ def test_committed_notebook_has_no_outputs():
 
 
 def test_analysis_notebook_executes_on_a_tiny_sweep(tmp_path, monkeypatch):
-    env = dict(
-        os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", QUANTLAB_OUTPUT_DIR=str(tmp_path / "out")
-    )
-    sweep = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.cli",
-            "-m",
-            "model=tiny-llama",
-            "method=rtn",
-            "bits=3,4",
-            "group_size=32",
-            "eval.ppl.datasets=[pydocs]",
-            "eval.ppl.seqlen=64",
-            "eval.ppl.max_windows=6",
-            "sweep_name=nb",
-            f"paths.cache_dir={private_cache(tmp_path)}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    sweep = run_quantlab(
+        "-m",
+        "model=tiny-llama",
+        "method=rtn",
+        "bits=3,4",
+        "group_size=32",
+        "eval.ppl.datasets=[pydocs]",
+        "eval.ppl.seqlen=64",
+        "eval.ppl.max_windows=6",
+        "sweep_name=nb",
+        f"paths.cache_dir={private_cache(tmp_path)}",
+        QUANTLAB_OUTPUT_DIR=str(tmp_path / "out"),
     )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     monkeypatch.setenv("QUANTLAB_SWEEP", str(tmp_path / "out" / "multiruns" / "nb"))
