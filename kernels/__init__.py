@@ -1,5 +1,33 @@
-"""Low-bit formats: quantized weights, exact bit accounting, and (later) packed modules and kernels."""
+"""Low-bit weight formats: a floor every method builds on.
 
-from kernels.quantized_weight import QuantizedWeight
+- `groups`: which input columns share a (scale, zero): group bounds, g_idx, batched segments.
+- `packing`: LSB-first bitstreams of 1..16-bit values in int32 words.
+- `format`: the `WeightFormat` protocol (dequantize, storage_bits, pack / unpack, matmul) and the
+  FORMATS registry.
+- `uniform`: `UniformWeight` (alias `QuantizedWeight`), group-wise uniform grids with per-group
+  widths, g_idx and fp16 outlier columns (RTN, GPTQ, AWQ, OWQ, SliM-LLM).
+- `codebook`: `CodebookWeight`, vector-quantized weights (VPTQ).
+"""
 
-__all__ = ["QuantizedWeight"]
+from kernels.codebook import CodebookPartition, CodebookWeight
+from kernels.format import FORMATS, WeightFormat, format_from_packed
+from kernels.groups import contiguous_g_idx, group_bounds, num_groups, segments
+from kernels.packing import pack_codes, packed_words, unpack_codes
+from kernels.uniform import QuantizedWeight, UniformWeight
+
+__all__ = [
+    "FORMATS",
+    "CodebookPartition",
+    "CodebookWeight",
+    "QuantizedWeight",
+    "UniformWeight",
+    "WeightFormat",
+    "contiguous_g_idx",
+    "format_from_packed",
+    "group_bounds",
+    "num_groups",
+    "pack_codes",
+    "packed_words",
+    "segments",
+    "unpack_codes",
+]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kernels.quantized_weight import contiguous_g_idx
+from kernels.groups import contiguous_g_idx, segments
 from methods import quantizer
 from methods.block import ModuleCall
 from methods.rtn import fit_groups
@@ -38,17 +38,6 @@ WEIGHT_MAX_EPS = 1e-6  # AutoAWQ: |w| / (max|w| + 1e-6) per group
 def awq_grid(bits: int) -> quantizer.Grid:
     """AWQ's `pseudo_quantize_tensor` with zero_point=True (the only mode llm-awq uses)."""
     return quantizer.Grid(bits, sym=False, zero_in_range=False)
-
-
-def _segments(width: int, group_size: int) -> list[tuple[int, int, int]]:
-    """(start, end, group width) of the column runs in which every group has the same width:
-    the full groups, then the shorter last group if any."""
-    size = width if group_size == -1 else min(group_size, width)
-    n_full = width // size
-    segments = [(0, n_full * size, size)] if n_full else []
-    if n_full * size < width:
-        segments.append((n_full * size, width, width - n_full * size))
-    return segments
 
 
 def _fake_quantize_last_dim(w: torch.Tensor, grid: quantizer.Grid) -> torch.Tensor:
@@ -86,10 +75,10 @@ def weight_mean(weights: Sequence[torch.Tensor], group_size: int) -> torch.Tenso
     per (row, group), averaged over rows, per input channel."""
     w = torch.cat([weight.float() for weight in weights], dim=0).abs()
     normalized = torch.empty_like(w)
-    for start, end, size in _segments(w.shape[1], group_size):
-        seg = w[:, start:end].reshape(w.shape[0], -1, size)
-        normalized[:, start:end] = (seg / (seg.amax(dim=-1, keepdim=True) + WEIGHT_MAX_EPS)).reshape(
-            w.shape[0], end - start
+    for seg in segments(w.shape[1], group_size):
+        blocks = seg.reshape(w)
+        normalized[:, seg.start : seg.end] = (blocks / (blocks.amax(dim=-1, keepdim=True) + WEIGHT_MAX_EPS)).reshape(
+            w.shape[0], seg.end - seg.start
         )
     return normalized.mean(dim=0)
 
@@ -241,11 +230,11 @@ def clip_search(
     x = x.float().to(w_all.device)
     grid = awq_grid(bits)
     results: list[list[torch.Tensor]] = [[], [], [], []]
-    for start, end, size in _segments(w_all.shape[1], group_size):
-        x_seg = x[:, start:end].reshape(x.shape[0], -1, size)  # [T, nG, G]
+    for seg in segments(w_all.shape[1], group_size):
+        x_seg = seg.reshape(x)  # [T, nG, G]
         seg_out = [[], [], [], []]
         for r0 in range(0, w_all.shape[0], row_chunk):
-            w = w_all[r0 : r0 + row_chunk, start:end].reshape(-1, (end - start) // size, size)  # [c, nG, G]
+            w = seg.reshape(w_all[r0 : r0 + row_chunk])  # [c, nG, G]
             target = torch.einsum("tng,cng->ctn", x_seg, w)
             m0 = w.abs().amax(dim=-1, keepdim=True)  # [c, nG, 1]
             best_err = torch.full(m0.shape[:2], float("inf"), device=w.device)

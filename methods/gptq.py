@@ -1,17 +1,14 @@
 """GPTQ (Frantar et al., ICLR'23), step for step as IST-DASLab/gptq `fasterquant` (reference/methods.md §3).
 
-The paper's symbols, as named here: W [C_out, C_in] is the layer weight (`weight`); H = 2 X X^T the
-Hessian of the layer-wise loss ||W X - Q X||^2 over calibration inputs X (`hessian`, see
-methods/hessian.py); lambda the relative dampening (`damp`: H + lambda * mean(diag H) * I);
-U = chol(H^-1)^T, the upper Cholesky factor of H^-1 (`inv_hessian_chol`), whose row c carries the
-OBS update that spreads column c's error onto the columns not yet quantized and whose diagonal
-U_cc = sqrt([H_F^-1]_cc) scales that error; B the lazy-batch width (`block_size`); G the group size
-(`group_size`); E the scaled errors (w - q) / U_cc of one lazy batch (`errors`).
+The paper's symbols: W [C_out, C_in] is the layer weight (`weight`); H = 2 X X^T the Hessian of the
+layer-wise loss ||W X - Q X||^2 over calibration inputs X (`hessian`, see methods/hessian.py);
+lambda the relative dampening (`damp`: H + lambda * mean(diag H) * I). The error-feedback loop over
+U = chol(H^-1)^T is methods/column_solver.py; GPTQ is its plug-in: a uniform grid per (row, group)
+(`GridColumns`) and a plan (act-order's column order, static or dynamic groups).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -20,19 +17,21 @@ from dataclasses import dataclass
 import torch
 
 from kernels import QuantizedWeight
+from kernels.groups import group_bounds
 from methods import quantizer
 from methods.base import ConfigError, Method, MethodConfig, register
 from methods.block import BlockView
+from methods.column_solver import (
+    ColumnPlan,
+    ColumnQuantizer,
+    ColumnSolution,
+    Damping,
+    HessianNotPositiveDefinite,
+    solve_columns,
+)
 from methods.hessian import HessianAccumulator, collect_hessians, input_representatives
 
-log = logging.getLogger(__name__)
-
-
 FitFn = Callable[[torch.Tensor, quantizer.Grid], tuple[torch.Tensor, torch.Tensor]]
-
-
-class HessianNotPositiveDefinite(RuntimeError):
-    """Cholesky of the damped Hessian failed even after the allowed damping retries."""
 
 
 @dataclass
@@ -74,26 +73,74 @@ class GPTQConfig(MethodConfig):
         return {name: getattr(self, name) for name in names}
 
 
-def inverse_hessian_chol(
-    hessian: torch.Tensor, damp: float, max_retries: int = 0, increment: float = 0.0025
-) -> tuple[torch.Tensor, float, int]:
-    """U with U^T U = (H + damp * mean(diag H) * I)^-1 (steps 5-6), retrying with a larger damp."""
-    mean_diag = torch.mean(torch.diag(hessian))
-    for retry in range(max_retries + 1):
-        damped = hessian.clone()
-        damped.diagonal().add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info == 0 and torch.isfinite(upper).all():
-                return upper, damp, retry
-        if retry < max_retries:
-            log.warning("GPTQ: Cholesky failed at damp=%g, retrying with %g", damp, damp + increment)
-            damp += increment
-    raise HessianNotPositiveDefinite(
-        f"Cholesky of the damped Hessian failed at damp={damp:g} after {max_retries} retries; raise damp "
-        "(0.1 is common), use more calibration samples, or raise max_damp_retries"
-    )
+class GridColumns(ColumnQuantizer):
+    """GPTQ's column quantizer, also OWQ's: a uniform scalar grid per (row, group), fitted by
+    `fit_rows` for the whole row (group_size = -1) or `fit_group` per group (GPTQ: both its min-max,
+    or its clip search with `mse`; OWQ: its MSE search with 100 and 40 points). Codes are kept by
+    position and turned into a `UniformWeight` by `to_format`."""
+
+    def __init__(
+        self, grid: quantizer.Grid, shape: tuple[int, int], group_size: int, device: torch.device,
+        fit_rows: FitFn, fit_group: FitFn | None = None,
+    ) -> None:
+        self.grid, self.fit_rows, self.fit_group = grid, fit_rows, fit_group or fit_rows
+        self.per_row = group_size == -1
+        self.scales = torch.zeros(shape[0], len(group_bounds(shape[1], group_size)), device=device)
+        self.zeros = torch.zeros_like(self.scales)
+        self.codes = torch.zeros(shape, device=device)  # by position
+
+    def fit(self, group: int, columns: torch.Tensor, u_diag: torch.Tensor | None) -> None:
+        fit = self.fit_rows if self.per_row else self.fit_group
+        self.scales[:, group], self.zeros[:, group] = fit(columns, self.grid)
+
+    def quantize(self, position: int, group: int, column: torch.Tensor) -> torch.Tensor:
+        scale, zero = self.scales[:, group], self.zeros[:, group]
+        code = quantizer.quantize(column, scale, zero, self.grid.maxq)
+        self.codes[:, position] = code
+        return quantizer.dequantize(code, scale, zero)
+
+    def to_format(self, solution: ColumnSolution, plan: ColumnPlan) -> QuantizedWeight:
+        """Back to the original column order; g_idx per AutoGPTQ (reference/methods.md §3.4)."""
+        n_cols = self.codes.shape[1]
+        G = plan.group_size if plan.group_size != -1 else n_cols
+        invperm = solution.inverse_order
+        if plan.static_groups or plan.order is None:
+            g_idx = torch.arange(n_cols, device=invperm.device) // G
+        else:
+            g_idx = invperm // G  # column j sat at position invperm[j]
+        codes, outliers = self.codes, {}
+        if plan.n_full_precision:
+            n_quant = n_cols - plan.n_full_precision
+            kept = solution.order[n_quant:]
+            g_idx[kept] = 0  # they carry no codes; the packed reference stores the zero-point there
+            codes[:, n_quant:] = self.zeros[:, :1]
+            outliers = {"outlier_idx": kept.to(torch.int32), "outlier_values": solution.full_precision.half()}
+        return QuantizedWeight(
+            codes=codes[:, invperm].to(torch.uint8 if self.grid.bits <= 8 else torch.int16),
+            scales=self.scales,
+            zeros=self.zeros,
+            g_idx=g_idx.to(torch.int32),
+            bits=self.grid.bits,
+            group_size=plan.group_size,
+            zero_format=self.grid.zero_format,
+            **outliers,
+        )
+
+
+def solution_info(solution: ColumnSolution) -> dict:
+    return {
+        "damp": solution.damp,
+        "damp_retries": solution.damp_retries,
+        "dead_columns": int(solution.dead.sum()),
+        "loss": solution.loss,
+    }
+
+
+def act_order_permutation(hessian: torch.Tensor) -> torch.Tensor:
+    """Largest diag(H) first, dead inputs counted as H_jj = 1 (the reference sorts after its dead fix)."""
+    h_diag = torch.diag(hessian).float().clone()
+    h_diag[h_diag == 0] = 1
+    return torch.argsort(h_diag, descending=True)
 
 
 def gptq_quantize(
@@ -108,122 +155,21 @@ def gptq_quantize(
     mse: bool = False,
     max_damp_retries: int = 0,
     damp_auto_increment: float = 0.0025,
-    *,
-    order: torch.Tensor | None = None,
-    n_full_precision: int = 0,
-    fit_fn: FitFn | None = None,
-    group_fit_fn: FitFn | None = None,
 ) -> tuple[QuantizedWeight, dict]:
-    """Quantize `weight` [out, in] against `hessian` [in, in]; returns the weight and its record.
-
-    OWQ's extensions (reference/methods.md §5.3; the defaults leave GPTQ untouched): `order` is an
-    explicit column order that replaces act-order's; the solver then quantizes only the first
-    in - `n_full_precision` columns of it, while its lazy updates still reach the trailing ones,
-    which are returned in fp16 as `outlier_values` holding their error-compensated values.
-    `fit_fn(W, grid)` fits the per-row (scale, zero) on the quantized columns, `group_fit_fn` each
-    group (default: GPTQ's min-max, or its clip search with `mse`)."""
+    """Quantize `weight` [out, in] against `hessian` [in, in] as `fasterquant` does; returns the
+    weight and its record. The loop itself is methods/column_solver.py."""
     if static_groups and group_size == -1:
         raise ValueError("static_groups needs group_size != -1")
-    if order is not None and (act_order or static_groups):
-        raise ValueError("an explicit column order replaces act_order and cannot use static_groups")
-    W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
-    n_cols = W.shape[1]
-    n_quant = n_cols - n_full_precision
-    if not 0 <= n_full_precision < n_cols:
-        raise ValueError(f"n_full_precision={n_full_precision} must leave at least one of {n_cols} columns")
-    fit = fit_fn or (quantizer.fit_mse if mse else quantizer.fit)
-    group_fit = group_fit_fn or fit
-    G = group_size if group_size != -1 else n_cols
-    bounds = quantizer.group_bounds(n_quant, group_size)
-    scales = torch.zeros(W.shape[0], len(bounds), device=W.device)
-    zeros = torch.zeros_like(scales)
-    if order is not None:  # OWQ permutes first, then fits on the columns it will quantize
-        W, H = W[:, order], H[order][:, order]
-    # 1. Per-row parameters for group_size = -1, fitted before the dead columns are zeroed (as the reference).
-    if group_size == -1:
-        scales[:, 0], zeros[:, 0] = fit(W[:, :n_quant], grid)
-    # 2. Inputs that never fire: their weights cannot matter; H_jj = 1 keeps H invertible.
-    dead = torch.diag(H) == 0
-    H.diagonal()[dead] = 1
-    W[:, dead] = 0
-    # 3. Static groups: fitted on the original column order, before any permutation.
-    if static_groups:
-        for g, (start, end) in enumerate(bounds):
-            scales[:, g], zeros[:, g] = fit(W[:, start:end], grid)
-    # 4. Act-order: largest diag(H) first.
-    if order is not None:
-        perm = order.to(W.device)
-    else:
-        perm = (
-            torch.argsort(torch.diag(H), descending=True)
-            if act_order
-            else torch.arange(n_cols, device=W.device)
-        )
-        if act_order:
-            W, H = W[:, perm], H[perm][:, perm]
-    # 5-6. Damping and U.
-    inv_hessian_chol, damp_used, retries = inverse_hessian_chol(
-        H, damp, max_damp_retries, damp_auto_increment
-    )
-    del H
-    # 7. Lazy batches: exact OBS updates inside [i1, i2), one matmul for everything to the right.
-    Q, codes, losses = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(W)
-    original_column = perm.tolist()
-    for i1 in range(0, n_quant, block_size):
-        i2 = min(i1 + block_size, n_quant)
-        W1 = W[:, i1:i2].clone()
-        errors = torch.zeros_like(W1)
-        U1 = inv_hessian_chol[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = i1 + i
-            if static_groups:
-                g = original_column[c] // G
-            else:
-                g = c // G  # the group of a permuted position (all 0 when group_size = -1)
-                if group_size != -1 and c % G == 0:
-                    # Quirk (reference/methods.md §3.1, §11.13): the group is fitted on the *global* W,
-                    # which lacks the in-block updates (they live in W1), so a group that starts
-                    # mid-block (G < B, e.g. 32 or 64) is fitted on stale weights. G = B = 128: no effect.
-                    scales[:, g], zeros[:, g] = group_fit(W[:, c : min(c + G, n_quant)], grid)
-            w, d = W1[:, i], U1[i, i]
-            code = quantizer.quantize(w, scales[:, g], zeros[:, g], grid.maxq)
-            q = quantizer.dequantize(code, scales[:, g], zeros[:, g])
-            codes[:, c], Q[:, c] = code, q
-            losses[:, c] = (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
-            W1[:, i:] -= torch.outer(err, U1[i, i:])
-            errors[:, i] = err
-        W[:, i2:] -= errors @ inv_hessian_chol[i1:i2, i2:]  # reaches the full-precision columns too
-    # 8. Back to the original column order; g_idx per AutoGPTQ (reference/methods.md §3.4).
-    invperm = torch.argsort(perm)
-    if static_groups or (not act_order and order is None):
-        g_idx = torch.arange(n_cols, device=W.device) // G
-    else:
-        g_idx = invperm // G  # column j sat at position invperm[j]
-    outliers = {}
-    if n_full_precision:
-        kept = perm[n_quant:]
-        g_idx[kept] = 0  # they carry no codes; the packed reference stores the zero-point there
-        codes[:, n_quant:] = zeros[:, :1]
-        outliers = {"outlier_idx": kept.to(torch.int32), "outlier_values": W[:, n_quant:].to(torch.float16)}
-    qweight = QuantizedWeight(
-        codes=codes[:, invperm].to(torch.uint8 if grid.bits <= 8 else torch.int16),
-        scales=scales,
-        zeros=zeros,
-        g_idx=g_idx.to(torch.int32),
-        bits=grid.bits,
+    plan = ColumnPlan(
+        order=act_order_permutation(hessian) if act_order else None,
         group_size=group_size,
-        zero_format=grid.zero_format,
-        **outliers,
+        static_groups=static_groups,
     )
-    info = {
-        "damp": damp_used,
-        "damp_retries": retries,
-        "dead_columns": int(dead.sum()),
-        "loss": float(losses.sum()),
-    }
-    return qweight, info
+    fit = quantizer.fit_mse if mse else quantizer.fit
+    columns = GridColumns(grid, tuple(weight.shape), group_size, weight.device, fit)
+    damping = Damping(damp, max_damp_retries, damp_auto_increment)
+    solution = solve_columns(weight, hessian, columns, plan, damping, block_size)
+    return columns.to_format(solution, plan), solution_info(solution)
 
 
 @contextmanager

@@ -8,7 +8,7 @@ the squared error of column j under a per-row b-bit quantizer fitted on the whol
 sensitivity), whose lazy updates still reach the weak columns; they are then stored in fp16 with
 those updated values (§5.3). The dense part uses OWQ's MSE grid search (`tuning: mse`).
 
-Bits: each weak column costs 16 bits per value plus a 32-bit index (kernels/quantized_weight.py);
+Bits: each weak column costs 16 bits per value plus a 32-bit index (kernels/uniform.py);
 with the default target the extra bits per weight over a block come out at ~target - bits.
 
 Cost: the MSE search evaluates num * 2^b candidate grids per row (800 at 3 bits for the main fit,
@@ -29,7 +29,8 @@ from kernels import QuantizedWeight
 from methods import quantizer
 from methods.base import ConfigError, MethodConfig, register
 from methods.block import BlockView
-from methods.gptq import GPTQ, gptq_quantize
+from methods.column_solver import ColumnPlan, Damping, solve_columns
+from methods.gptq import GPTQ, GridColumns, solution_info
 
 # owq:model_config.json "ratios": each layer type gets about d^2 of fp16 "column budget" per block.
 # Keyed by role: a linear's last name component without "_proj" (q_proj -> q, out_proj -> out).
@@ -159,21 +160,18 @@ def owq_quantize(
     h_diag = torch.diag(hessian).float()
     order = column_order(scores, h_diag, n_weak, cfg.act_order)
     explicit = n_weak > 0 or cfg.act_order  # no weak column, no act-order: the plain GPTQ path
-    main_fit, group_fit = cfg.fit_fn(MAIN_GRID_POINTS), cfg.fit_fn(GROUP_GRID_POINTS)
-    qweight, info = gptq_quantize(
-        weight,
-        hessian,
-        cfg.grid(),
-        group_size=cfg.group_size,
-        block_size=cfg.block_size,
-        damp=cfg.damp,
-        max_damp_retries=cfg.max_damp_retries,
-        damp_auto_increment=cfg.damp_auto_increment,
-        order=order if explicit else None,
-        n_full_precision=n_weak,
-        fit_fn=lambda w, grid: main_fit(w),
-        group_fit_fn=lambda w, grid: group_fit(w),
+    # The reference permutes W and H before fitting (GPTQ fits first): the weak columns go last.
+    plan = ColumnPlan(
+        order=order if explicit else None, permute_first=True, n_full_precision=n_weak, group_size=cfg.group_size
     )
+    main_fit, group_fit = cfg.fit_fn(MAIN_GRID_POINTS), cfg.fit_fn(GROUP_GRID_POINTS)
+    columns = GridColumns(
+        cfg.grid(), tuple(weight.shape), cfg.group_size, weight.device,
+        fit_rows=lambda w, grid: main_fit(w), fit_group=lambda w, grid: group_fit(w),
+    )
+    damping = Damping(cfg.damp, cfg.max_damp_retries, cfg.damp_auto_increment)
+    solution = solve_columns(weight, hessian, columns, plan, damping, cfg.block_size)
+    qweight, info = columns.to_format(solution, plan), solution_info(solution)
     weak = order[n_cols - n_weak :]
     total = float(scores.sum())
     info.update(

@@ -152,14 +152,6 @@ def fake_quantize(
     return dequantize(quantize(w, scale, zero, maxq, float_zero), scale, zero)
 
 
-def group_bounds(in_features: int, group_size: int) -> list[tuple[int, int]]:
-    """Column ranges of consecutive groups; the last one is shorter when group_size does not divide
-    in_features (as in the GPTQ reference: SmolLM2's 576 = 4.5 x 128)."""
-    if group_size == -1:
-        return [(0, in_features)]
-    return [(start, min(start + group_size, in_features)) for start in range(0, in_features, group_size)]
-
-
 def fit_owq(
     weight: torch.Tensor, bits: int, sym: bool = False, mse: bool = True, num: int = 100, norm: float = 2.4
 ) -> tuple[torch.Tensor, torch.Tensor]:

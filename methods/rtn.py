@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import QuantizedWeight
-from kernels.quantized_weight import contiguous_g_idx
+from kernels.groups import contiguous_g_idx, segments
 from methods import quantizer
 from methods.base import ConfigError, Method, MethodConfig, register
 from methods.block import BlockView
@@ -38,23 +38,14 @@ class RTNConfig(MethodConfig):
 
 
 def fit_groups(w: torch.Tensor, grid: quantizer.Grid, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scales, zeros) of shape [out, n_groups]: the full groups in one batched fit, then the
-    shorter last group when group_size does not divide the input width."""
-    out_features, in_features = w.shape
-    if group_size == -1:
-        scale, zero = quantizer.fit(w, grid)
-        return scale[:, None], zero[:, None]
-    n_full = in_features // group_size
+    """(scales, zeros) of shape [out, n_groups]: each run of equal-width groups (the full groups,
+    then a shorter last one) in one batched fit."""
+    rows = w.shape[0]
     scales, zeros = [], []
-    if n_full:
-        full = w[:, : n_full * group_size].reshape(out_features * n_full, group_size)
-        scale, zero = quantizer.fit(full, grid)
-        scales.append(scale.view(out_features, n_full))
-        zeros.append(zero.view(out_features, n_full))
-    if n_full * group_size < in_features:
-        scale, zero = quantizer.fit(w[:, n_full * group_size :], grid)
-        scales.append(scale[:, None])
-        zeros.append(zero[:, None])
+    for seg in segments(w.shape[1], group_size):
+        scale, zero = quantizer.fit(seg.reshape(w).reshape(rows * seg.n_groups, seg.group_width), grid)
+        scales.append(scale.view(rows, seg.n_groups))
+        zeros.append(zero.view(rows, seg.n_groups))
     return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from methods import REGISTRY, ConfigError, quantizer
-from methods.gptq import GPTQ, GPTQConfig, HessianNotPositiveDefinite, gptq_quantize, inverse_hessian_chol
+from methods.column_solver import Damping, inverse_hessian_chol
+from methods.gptq import GPTQ, GPTQConfig, HessianNotPositiveDefinite, gptq_quantize
 from methods.hessian import HessianAccumulator
 from methods.quantizer import Grid
 from methods.rtn import round_to_nearest
@@ -330,7 +331,7 @@ def test_singular_hessian_retries_are_recorded_then_fail():
     qweight, info = gptq_quantize(weight, hessian, Grid(4), damp=1e-10, max_damp_retries=3)
     assert info["damp_retries"] == 1 and info["damp"] == pytest.approx(0.0025 + 1e-10)
     assert torch.isfinite(qweight.dequantize()).all()
-    _, damp, retries = inverse_hessian_chol(hessian + torch.eye(5), 0.01)
+    _, damp, retries = inverse_hessian_chol(hessian + torch.eye(5), Damping(0.01))
     assert (damp, retries) == (0.01, 0)
 
 

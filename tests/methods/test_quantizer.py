@@ -86,6 +86,3 @@ def test_float_zero_needs_raw_asymmetric_grid():
         Grid(4, sym=True, zero_in_range=False, float_zero=True)
 
 
-def test_group_bounds_short_last_group():
-    assert quantizer.group_bounds(576, 128)[-1] == (512, 576)
-    assert quantizer.group_bounds(576, -1) == [(0, 576)]

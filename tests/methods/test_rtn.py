@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from kernels.groups import group_bounds
 from methods import quantizer
 from methods.base import ConfigError
 from methods.quantizer import Grid
@@ -10,7 +11,7 @@ from methods.rtn import RTNConfig, round_to_nearest
 def reference_rtn(w, grid, group_size):
     """A literal per-group loop, the oracle for the vectorized implementation."""
     out = torch.empty_like(w)
-    for start, end in quantizer.group_bounds(w.shape[1], group_size):
+    for start, end in group_bounds(w.shape[1], group_size):
         scale, zero = quantizer.fit(w[:, start:end], grid)
         out[:, start:end] = quantizer.fake_quantize(
             w[:, start:end], scale[:, None], zero[:, None], grid.maxq, grid.float_zero

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels import QuantizedWeight
-from kernels.quantized_weight import contiguous_g_idx, num_groups
+from kernels.groups import contiguous_g_idx, num_groups
 
 
 def make(out=3, inp=10, group=4, bits=3, zero_format="int", g_idx=None, **extra):
