@@ -20,6 +20,7 @@ from torch import nn
 
 from experiments.models.adapters import Architecture
 from kernels import QuantizedWeight
+from kernels.format import WeightFormat
 from methods.base import Method
 from methods.block import LinearHook, ModuleCall
 
@@ -65,6 +66,9 @@ class BlockInputs:
 class QuantizationReport:
     layers: list[LayerRecord]
     seconds: dict[str, float]
+    # Every committed weight format by full module name, on the CPU: what saving, reloading and the
+    # packed evaluation backend are made of (kernels/).
+    formats: dict[str, WeightFormat] = field(default_factory=dict)
 
     @property
     def avg_bits(self) -> float | None:
@@ -164,6 +168,7 @@ class DecoderBlockView:
         self.n_sequences = inputs.n_sequences if inputs else 0
         self.n_tokens = inputs.n_tokens if inputs else 0
         self.records: list[LayerRecord] = []
+        self.formats: dict[str, WeightFormat] = {}
         self.arch = arch
         self.consumed = False  # a last_pass run replaced the inputs by mid-block residuals
 
@@ -270,6 +275,7 @@ class DecoderBlockView:
             raise ValueError(f"{self.name}.{name}: quantized shape {tuple(dequantized.shape)} != {tuple(original.shape)}")
         rel_error = (torch.linalg.norm(original - dequantized) / torch.linalg.norm(original).clamp(min=1e-12)).item()
         linear.weight.data.copy_(dequantized.to(linear.weight.dtype))
+        self.formats[f"{self.name}.{name}"] = qweight.to("cpu")
         self.records.append(
             LayerRecord(
                 name=f"{self.name}.{name}", shape=qweight.shape, bits=qweight.bits,
@@ -304,6 +310,7 @@ def quantize_model(
         inputs = capture_block_inputs(model, arch, calib_ids, device, batch_size)
         seconds["capture_s"] = time.perf_counter() - start
     records: list[LayerRecord] = []
+    formats: dict[str, WeightFormat] = {}
     method_s = forward_s = 0.0
     for index in tqdm(range(len(blocks)), desc=f"{method.name}: blocks", disable=not progress):
         block = blocks[index]
@@ -325,6 +332,7 @@ def quantize_model(
                 view.advance_in_place()
             forward_s += time.perf_counter() - start
             records.extend(view.records)
+            formats.update(view.formats)
     seconds["method_s"] = method_s
     seconds["block_forward_s"] = forward_s
-    return QuantizationReport(records, seconds)
+    return QuantizationReport(records, seconds, formats)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -16,9 +17,11 @@ from typing import Any
 import torch
 
 from experiments import fidelity
+from experiments.artifacts import QuantizedStore, consistency_gate
 from experiments.cache import Cache
 from experiments.evaluate import paired_delta, perplexity, place_for_eval, release_from_eval
-from experiments.models.loading import LoadedModel, load_model
+from experiments.models.loading import LoadedModel, ModelSpec, load_model
+from experiments.models.quantized import apply_formats, read_quant_config
 from experiments.pipeline import QuantizationReport, quantize_model
 from experiments.results import RunRecord
 from experiments.run_cache import cached_block_inputs, cached_calibration_set, cached_eval_windows
@@ -136,21 +139,40 @@ class _Calibration:
 def _quantize_and_evaluate(
     loaded: LoadedModel, method: Method, run: RunConfig, sets: dict[str, Any], baseline: dict[str, dict],
     calibration: _Calibration, progress: bool, extras: fidelity.Baseline | None = None,
+    run_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Quantize `loaded.model` in place with `method`, then evaluate it on the same windows as the
     baseline. Returns the record fields of one method."""
     model, arch = loaded.model, loaded.architecture
-    calib_ids = calibration.get() if method.needs_calibration else None
     release_from_eval(model)
+    store = QuantizedStore(run, loaded, method, calibration, run_dir)
     start = time.perf_counter()
-    inputs, inputs_s = calibration.block_inputs(loaded) if method.needs_calibration else (None, 0.0)
-    report = quantize_model(
-        model, arch, method, calib_ids, loaded.device, run.calib.batch_size, progress=progress, block_inputs=inputs
-    )
-    timings = {"quantize_s": time.perf_counter() - start}
-    if inputs is not None:
-        timings["quantize_capture_s"] = inputs_s  # captured or read from the cache
-    timings.update({f"quantize_{k}": v for k, v in report.seconds.items()})
+    report = store.load() if method.quantizes_weights else None  # a saved or cached quantization
+    if report is None:
+        calib_ids = calibration.get() if method.needs_calibration else None
+        inputs, inputs_s = calibration.block_inputs(loaded) if method.needs_calibration else (None, 0.0)
+        report = quantize_model(
+            model, arch, method, calib_ids, loaded.device, run.calib.batch_size, progress=progress,
+            block_inputs=inputs,
+        )
+        timings = {"quantize_s": time.perf_counter() - start}
+        if inputs is not None:
+            timings["quantize_capture_s"] = inputs_s  # captured or read from the cache
+        timings.update({f"quantize_{k}": v for k, v in report.seconds.items()})
+        if report.formats:
+            store.save(report, timings)
+    else:
+        apply_formats(model, report.formats, "fake")
+        timings = {"load_quantized_s": time.perf_counter() - start}
+    quantized_model = store.describe()
+    if run.eval.backend == "packed" and report.formats:
+        kernels = apply_formats(model, report.formats, "packed", run.eval.kernel)
+        quantized_model["eval_backend"] = {
+            "backend": "packed", "kernel": run.eval.kernel, "kernels": dict(Counter(kernels.values())),
+            "consistency": consistency_gate(model, report.formats),
+        }
+    elif report.formats:
+        quantized_model["eval_backend"] = {"backend": "fake"}
     place_for_eval(model, arch, loaded.device)
     start = time.perf_counter()
     metrics: dict[str, dict] = {}
@@ -174,6 +196,7 @@ def _quantize_and_evaluate(
     if zeroshot:
         timings["tasks_s"] = zeroshot["seconds"]
     return {
+        **({"quantized_model": quantized_model} if quantized_model else {}),
         "layers": [r.as_dict() for r in report.layers],
         "avg_bits": report.avg_bits if report.layers else 16.0,
         "model_bytes": model_storage_bytes(model, report if report.layers else None),
@@ -197,12 +220,27 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         torch.manual_seed(run.seed)
         method = get_method_class(run.method_name)(run.method)
         tasks = fidelity.plan(run)  # unknown tasks or missing task data fail before the model loads
+        base_spec, tokenizer_spec = run.model, run.tokenizer_model
+        if run.model.source == "quantized":  # evaluate a saved quantized model: its base model and method
+            saved = read_quant_config(Path(run.model.path))
+            base_spec = ModelSpec(**saved["base_model"]["spec"])
+            if saved["base_model"].get("tokenizer_spec"):
+                tokenizer_spec = ModelSpec(**saved["base_model"]["tokenizer_spec"])
+            method_class = get_method_class(saved["method"])
+            method = method_class(method_class.config_class(**saved["method_config"]))
+            record.data.update(method=saved["method"], bits=saved["method_config"].get("bits"),
+                               group_size=saved["method_config"].get("group_size"))
 
-        loaded = load_model(run.model, run.tokenizer_model, cache_dir=run.paths.cache_path)
+        loaded = load_model(base_spec, tokenizer_spec, cache_dir=run.paths.cache_path)
+        if run.model.source == "quantized" and loaded.fingerprint != saved["base_model"]["fingerprint"]:
+            raise ValueError(
+                f"{run.model.path} was quantized from {saved['base_model']['fingerprint']}, but its base model "
+                f"{base_spec.name!r} now loads as {loaded.fingerprint}; the saved weights do not belong to it"
+            )
         timings["load_s"] = loaded.load_seconds
         model = loaded.model
         record.data["model"] = {
-            "name": run.model.name, "fingerprint": loaded.fingerprint, "model_type": model.config.model_type,
+            "name": base_spec.name, "fingerprint": loaded.fingerprint, "model_type": model.config.model_type,
             "family": loaded.architecture.family, "n_params": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": loaded.device.type,
         }
@@ -214,7 +252,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         extras = fidelity.compute_baseline(loaded, run, sets, tasks, record)
         calibration = _Calibration(run, loaded.tokenizer, record)
 
-        result = _quantize_and_evaluate(loaded, method, run, sets, baseline, calibration, progress, extras)
+        result = _quantize_and_evaluate(loaded, method, run, sets, baseline, calibration, progress, extras, run_dir)
         timings.update(result.pop("timings"))
         if (items := result.pop("_items")) is not None:
             fidelity.write_items(run_dir, f"{run.method_name} W{run.bits} g{run.group_size}", items)
@@ -227,9 +265,9 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         comparisons = record.data["comparisons"] = []
         for name, config_ in run.comparisons:
             loaded = model = None  # one model in memory at a time: reload a fresh full-precision copy
-            loaded = load_model(run.model, run.tokenizer_model, cache_dir=run.paths.cache_path)
+            loaded = load_model(base_spec, tokenizer_spec, cache_dir=run.paths.cache_path)
             other = get_method_class(name)(config_)
-            result = _quantize_and_evaluate(loaded, other, run, sets, baseline, calibration, progress, extras)
+            result = _quantize_and_evaluate(loaded, other, run, sets, baseline, calibration, progress, extras, run_dir)
             if (items := result.pop("_items")) is not None:
                 fidelity.write_items(run_dir, f"{name} W{config_.bits} g{config_.group_size}", items)
             comparisons.append({"method": name, "bits": config_.bits, "group_size": config_.group_size,

@@ -20,7 +20,9 @@ from experiments.data.protocols import EVAL_DATASETS
 from experiments.models.loading import DTYPES, ModelSpec
 from methods.base import ConfigError, MethodConfig
 
-MODEL_SOURCES = ("hub", "local", "gguf", "package_gguf", "random")
+MODEL_SOURCES = ("hub", "local", "gguf", "package_gguf", "random", "quantized")
+EVAL_BACKENDS = ("fake", "packed")  # experiments/models/quantized.py apply_formats
+EVAL_KERNELS = ("auto", "reference", "int4_cpu", "int8_cpu", "int4_cuda")  # kernels/linear.py
 
 
 @dataclass
@@ -64,6 +66,10 @@ class EvalConfig:
     limit: int | None = None  # first N items of each task (lm-eval's --limit): a reduced protocol
     batch_size: int = 1  # lm-eval's batch size for the tasks
     kl: KLConfig = field(default_factory=KLConfig)
+    # fake: the dequantized weights in plain linears (the papers' protocol); packed: the stored
+    # low-bit weights in QuantLinear modules, run by `kernel` (auto: the fast path where one exists)
+    backend: str = "fake"
+    kernel: str = "auto"
 
 
 @dataclass
@@ -93,6 +99,8 @@ class PathsConfig:
     # block 0's inputs are nsamples x seqlen x hidden values (Llama-2-7B at 128 x 2048: 2 GB in
     # fp16): false keeps them out of the cache for huge models
     cache_block_inputs: bool = True
+    # quantized models keyed without eval settings (experiments/artifacts.py): eval-only changes reload
+    cache_quantized: bool = True
 
     @property
     def cache_path(self) -> Path:
@@ -116,6 +124,7 @@ class RunConfig:
     tokenizer_model: ModelSpec | None = None  # for random models that borrow a tokenizer
     comparisons: list[tuple[str, MethodConfig]] = field(default_factory=list)  # compare_with, validated
     expected: ExpectedConfig | None = None
+    save_model: bool = False  # a copy of the quantized model in <run>/quantized_model
 
 
 def _typed(schema: type, section: Any, group: str) -> Any:
@@ -220,6 +229,8 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
     if evaluation.ppl.max_windows is not None:
         _positive(evaluation.ppl.max_windows, "eval.ppl.max_windows")
     _validate_zeroshot(evaluation)
+    _choice(evaluation.backend, EVAL_BACKENDS, "eval.backend")
+    _choice(evaluation.kernel, EVAL_KERNELS, "eval.kernel")
     logger = _typed(LoggerConfig, resolved["logger"], "logger")
     _choice(logger.name, ("none", "wandb"), "logger")
     _choice(logger.mode, ("online", "offline", "disabled"), "logger.mode")
@@ -232,6 +243,11 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
                 raise ConfigError(
                     f"expected.ppl names {dataset!r}, which eval.ppl.datasets ({evaluation.ppl.datasets}) does not evaluate"
                 )
+    if model.source == "quantized":
+        _check_saved_model(model)
+    save_model = resolved.get("save_model", False)
+    if not isinstance(save_model, bool):
+        raise ConfigError(f"save_model={save_model!r} must be true or false")
     tokenizer_model = None
     if model.source == "random":
         if not model.tokenizer:
@@ -244,4 +260,17 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
         paths=paths, bits=int(resolved["bits"]), group_size=int(resolved["group_size"]),
         seed=int(resolved["seed"]), name=str(resolved["name"]), tags=list(resolved.get("tags") or []),
         tokenizer_model=tokenizer_model, comparisons=_comparisons(resolved, group_loader), expected=expected,
+        save_model=save_model,
     )
+
+
+def _check_saved_model(model: ModelSpec) -> None:
+    """model.source=quantized: model.path must be a folder saved by save_model=true."""
+    from experiments.models.quantized import NotAQuantizedModel, read_quant_config
+
+    if not model.path:
+        raise ConfigError("model.source=quantized needs model.path: a folder saved by a run with save_model=true")
+    try:
+        read_quant_config(Path(model.path).expanduser())
+    except NotAQuantizedModel as error:
+        raise ConfigError(f"model.path: {error}") from None

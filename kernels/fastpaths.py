@@ -70,6 +70,15 @@ OP_GROUP_SIZES = (256, 128, 64, 32)  # what the tinygemm ops accept, largest fir
 _UNPACK_CHUNK = 512  # identity rows per op call when reading codes back
 
 
+def _op_group_blockers(in_features: int, group_size: int) -> list[str]:
+    if op_group_size(in_features, group_size) is not None:
+        return []
+    return [
+        f"no op group size in {'/'.join(map(str, OP_GROUP_SIZES))} divides both group_size "
+        f"{group_size} and in_features {in_features}"
+    ]
+
+
 class UnsupportedFormat(ValueError):
     """A fast path was asked to run a weight it cannot take; the message says why."""
 
@@ -227,11 +236,7 @@ class Int4CPU(FastPath):
         out_features, in_features = fmt.codes.shape
         if out_features % 16:
             reasons.append(f"out_features {out_features} is not a multiple of 16 (the op's packing)")
-        if op_group_size(in_features, fmt.group_size) is None:
-            reasons.append(
-                f"no op group size in {'/'.join(map(str, OP_GROUP_SIZES))} divides both group_size "
-                f"{fmt.group_size} and in_features {in_features}"
-            )
+        reasons += _op_group_blockers(in_features, fmt.group_size)
         return reasons
 
     def layout(self, fmt: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -289,11 +294,7 @@ class Int4CUDA(FastPath):
             reasons.append(f"out_features {out_features} is not a multiple of 8 (the op's n-tiles)")
         if in_features % 32:
             reasons.append(f"in_features {in_features} is not a multiple of 32 (2 k-tiles of 16)")
-        if op_group_size(in_features, fmt.group_size) is None:
-            reasons.append(
-                f"no op group size in {'/'.join(map(str, OP_GROUP_SIZES))} divides both group_size "
-                f"{fmt.group_size} and in_features {in_features}"
-            )
+        reasons += _op_group_blockers(in_features, fmt.group_size)
         return reasons
 
     def layout(self, fmt: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

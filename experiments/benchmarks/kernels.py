@@ -8,10 +8,10 @@ bytes, prefill and decode speed, and memory.
     python -m experiments.benchmarks.kernels --configs fp32 w4 --saved w4=outputs/some-w4-run/model
     make bench BENCH=kernels BENCH_ARGS="--out kernels.json"
 
-Each configuration runs in a fresh subprocess that builds its model through `build_model` (today:
-the fp32 model, then RTN per decoder linear and `quantize_linears`, in process; `--saved
-CONFIG=DIR` loads a saved quantized model with experiments/models/quantized.py instead), then
-measures:
+The parent saves W4 / W8 RTN models of SmolLM2 (save_quantized_model; `--saved CONFIG=DIR` uses a
+folder saved by a run instead). Each configuration then runs in a fresh subprocess that builds its
+model through `build_model` (fp32: the model as loaded; w4 / w8: load_quantized_model of the saved
+folder, packed, on the fast path) and measures:
 - weight bytes (`model_weight_bytes`: parameters + buffers, shared storage once) of the decoder
   linears and of the whole model, and the share of the embedding (tied to the lm_head, which
   stays fp32 in every configuration);
@@ -23,9 +23,7 @@ measures:
 - the chosen path against x @ dequantize().T on every quantized linear (`consistency_check`);
 - RSS after the build (steady state: every weight copied into owned memory, which drops the
   checkpoint's memory map, and freed heap handed back with malloc_trim);
-- peak RSS (getrusage) of another fresh process that only builds the model and generates. Built
-  in process, that peak includes the fp32 checkpoint pages the formats are rounded from; loaded
-  with --saved it would not.
+- peak RSS (getrusage) of another fresh process that only loads the model and generates.
 One torch thread by default (--threads; see its help).
 Targets (the issue): W4 linear bytes <= 0.3x fp32, W4 decode >= 1.5x fp32 tokens/s.
 """
@@ -41,6 +39,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -67,37 +66,42 @@ def decoder_linear_names(model: torch.nn.Module, architecture: Any) -> list[str]
 
 def build_model(config: str, kernel: str, saved: str | None) -> tuple[torch.nn.Module, Any, list[str], dict]:
     """(model, tokenizer, decoder linear names, info): the only place the measured process gets
-    its model. fp32: SmolLM2 as loaded. w4 / w8: RTN on the AWQ-paper grid (asymmetric raw min-max,
-    integer zero) per decoder linear, each swapped for a QuantLinear as soon as it is rounded, so the
-    fp32 weight it replaces is freed. With `saved`, the folder written by save_quantized_model."""
+    its model. fp32: SmolLM2 as loaded; w4 / w8: the saved quantized model `saved` (written by
+    `save_rtn_model`, or any save_model=true folder), loaded with load_quantized_model, which builds
+    the model on the meta device: no fp32 copy of the quantized linears is ever allocated."""
     from experiments.models.adapters import architecture_for
     from experiments.models.loading import ModelSpec, load_model
+    from experiments.models.quantized import load_quantized_model
 
     start = time.perf_counter()
-    if saved is not None:
-        from experiments.models.quantized import load_quantized_model
-
+    if config == "fp32":
+        loaded = load_model(ModelSpec(name="smollm2-135m", source="package_gguf"))
+        model, tokenizer, architecture = loaded.model, loaded.tokenizer, loaded.architecture
+    else:
+        if saved is None:
+            raise ValueError(f"{config}: no saved model (the parent saves one unless --saved names it)")
         model, tokenizer, _ = load_quantized_model(Path(saved), "cpu", backend="packed", kernel=kernel)
         architecture = architecture_for(model.config.model_type)
-        return (
-            model,
-            tokenizer,
-            decoder_linear_names(model, architecture),
-            {"build_s": time.perf_counter() - start},
-        )
-    loaded = load_model(ModelSpec(name="smollm2-135m", source="package_gguf"))
-    model, names = loaded.model, decoder_linear_names(loaded.model, loaded.architecture)
-    spec = CONFIGS[config]
-    if spec["bits"] is not None:
-        from kernels.linear import quantize_linears
-        from methods.quantizer import Grid
-        from methods.rtn import round_to_nearest
+    return model, tokenizer, decoder_linear_names(model, architecture), {"build_s": time.perf_counter() - start}
 
-        grid = Grid(spec["bits"], sym=False, zero_in_range=False)
-        for name in names:
-            fmt = round_to_nearest(model.get_submodule(name).weight, grid, spec["group_size"])
-            quantize_linears(model, {name: fmt}, backend=kernel)
-    return model, loaded.tokenizer, names, {"build_s": time.perf_counter() - start}
+
+def save_rtn_model(config: str, directory: Path) -> Path:
+    """SmolLM2 with RTN on the AWQ-paper grid (asymmetric raw min-max, integer zero) per decoder
+    linear at `config`'s bits and group size, saved as a quantized model folder."""
+    from experiments.models.loading import ModelSpec, load_model
+    from experiments.models.quantized import save_quantized_model
+    from methods.quantizer import Grid
+    from methods.rtn import round_to_nearest
+
+    loaded = load_model(ModelSpec(name="smollm2-135m", source="package_gguf"))
+    spec = CONFIGS[config]
+    grid = Grid(spec["bits"], sym=False, zero_in_range=False)
+    formats = {
+        name: round_to_nearest(loaded.model.get_submodule(name).weight, grid, spec["group_size"])
+        for name in decoder_linear_names(loaded.model, loaded.architecture)
+    }
+    description = {"method": "rtn", "method_config": {"bits": spec["bits"], "group_size": spec["group_size"]}}
+    return save_quantized_model(loaded.model, formats, directory / config, loaded.tokenizer, description)
 
 
 @torch.no_grad()
@@ -319,6 +323,9 @@ def main(argv: list[str] | None = None) -> None:
         metavar="CONFIG=DIR",
         help="load these saved quantized models (save_quantized_model folders) instead of RTN in process, e.g. w4=DIR",
     )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where the parent saves the W4 / W8 models (default: a temp dir)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-rss", default=None, help=argparse.SUPPRESS)
@@ -333,6 +340,13 @@ def main(argv: list[str] | None = None) -> None:
     child_argv = list(sys.argv[1:] if argv is None else argv)  # a child measures and returns
     results = {}
     start = time.perf_counter()
+    saved = dict(entry.split("=", 1) for entry in args.saved)
+    workdir = Path(tempfile.mkdtemp(prefix="quantlab-kernels-")) if args.workdir is None else args.workdir
+    for config in args.configs:
+        if config != "fp32" and config not in saved:
+            saved[config] = str(save_rtn_model(config, workdir))
+            print(f"{config}: saved {saved[config]} ({(Path(saved[config]) / 'weights.safetensors').stat().st_size / 1e6:.1f} MB on disk)")
+    child_argv += ["--saved", *(f"{k}={v}" for k, v in saved.items())] if saved else []
     for config in args.configs:
         results[config] = {**run_child(config, child_argv), **run_child(config, child_argv, "--child-rss")}
     print(

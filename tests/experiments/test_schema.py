@@ -25,11 +25,16 @@ def test_every_experiment_composes_and_validates(experiment):
 
 @pytest.mark.parametrize(
     ("group", "choice"),
-    [(g, c) for g in ("model", "method", "calib", "eval", "logger") for c in options(g)],
+    [(g, c) for g in ("model", "method", "calib", "eval", "logger") for c in options(g) if (g, c) != ("model", "quantized")],
 )
 def test_every_group_option_validates(group, choice):
     run = validate(compose_config(f"{group}={choice}"), load_group_option)
     assert run is not None
+
+
+def test_a_saved_model_needs_its_folder():
+    with pytest.raises(ConfigError, match="model.path"):
+        validate(compose_config("model=quantized"), load_group_option)
 
 
 def test_top_level_bits_and_group_size_reach_the_method():
