@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import methods
+from experiments.checks import check_top_level
 from experiments.data.calibration import CALIBRATION_DATASETS, SAMPLINGS, CalibrationSpec
 from experiments.data.protocols import EVAL_DATASETS
 from experiments.models.loading import DTYPES, ModelSpec
@@ -123,7 +124,10 @@ def _typed(schema: type, section: Any, group: str) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(schema), section)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"config group {group!r}: {error.msg if hasattr(error, 'msg') else error}") from None
+        message = str(error.msg if hasattr(error, "msg") else error).splitlines()[0]
+        key = getattr(error, "full_key", None)
+        where = f" key {group.split('/')[0]}.{key}" if key else ""
+        raise ConfigError(f"config group {group!r}{where}: {message}") from None
 
 
 def _choice(value: str, valid: tuple[str, ...] | list[str], what: str) -> None:
@@ -205,6 +209,7 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
     except OmegaConfBaseException as error:
         raise ConfigError(f"config does not resolve: {error}") from None
     assert isinstance(resolved, dict)
+    check_top_level(resolved)  # unknown keys, types, names that become paths (experiments/checks.py)
     model = model_spec(resolved["model"])
     method_name, method = validate_method(resolved["method"])
     calib = _typed(CalibConfig, resolved["calib"], "calib")
