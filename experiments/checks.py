@@ -187,6 +187,8 @@ def check_run(run: Any, overrides: list[str] | None = None) -> None:
             "eval.ppl.datasets=[] and no eval.tasks: the run would measure nothing; name a dataset "
             "(eval.ppl.datasets=[wikitext2]) or a task (eval.tasks=[piqa])"
         )
+    if len(set(ppl.datasets)) != len(ppl.datasets):
+        raise ConfigError(f"eval.ppl.datasets={ppl.datasets} names a dataset twice")
     if ppl.datasets and ppl.seqlen < 2:
         raise ConfigError(
             f"eval.ppl.seqlen={ppl.seqlen}: a window of one token predicts no token (perplexity undefined); "
