@@ -119,9 +119,9 @@ def gguf_as_hf_folder(gguf: Path, cache_dir: Path | None = None) -> tuple[Path, 
         files = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file()}
         (staging / SOURCE_MANIFEST).write_text(json.dumps({"gguf": str(gguf), "sha256": sha, "files": files}))
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build_dir_once(target, convert, lambda folder: _converted_copy_is_valid(folder, sha), "models", root)
-    return target, sha
+    # a temporary copy instead of `target` when the cache cannot be written
+    folder = build_dir_once(target, convert, lambda folder: _converted_copy_is_valid(folder, sha), "models", root)
+    return folder, sha
 
 
 def _folder_fingerprint(folder: Path) -> str:
