@@ -286,3 +286,15 @@ def test_malformed_config_stops_before_the_model_loads(bad, tmp_path, bad_data, 
         assert data["model"]["fingerprint"] is None and "load_s" not in data["timings"], record
     if bad.multirun:
         assert not list(tmp_path.rglob("result.json")), "a job of an invalid sweep ran"
+
+
+@pytest.mark.parametrize("args", [["name=../../../../x"], ["-m", "sweep_name=../../x", "bits=3,4"]], ids=["run", "sweep"])
+def test_names_never_leave_the_output_folder(args, tmp_path, tripwire, capsys, monkeypatch):
+    """name and sweep_name become directory names: `../../x` wrote outside the output folder."""
+    out = tmp_path / "a" / "b" / "out"
+    out.mkdir(parents=True)
+    monkeypatch.setenv("QUANTLAB_OUTPUT_DIR", str(out))
+    status, output, err = invoke([*args, *BASE, f"paths.cache_dir={tmp_path / 'cache'}"], capsys, monkeypatch)
+    assert status == 2 and "cannot name a directory inside the output folder" in err, output
+    outside = [p for p in tmp_path.rglob("*") if out not in (p, *p.parents) and p not in out.parents]
+    assert outside == [], outside
