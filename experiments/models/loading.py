@@ -196,6 +196,9 @@ def load_model(
                 f"model {spec.name!r}: weights not found at {where} ({error}). Offline, hub models must "
                 "already be in the HF cache."
             ) from error
+        commit = getattr(model.config, "_commit_hash", None)
+        if spec.source == "hub" and commit:  # pinned: a moved branch is another model
+            fingerprint = f"hub:{spec.path}@{commit}"
     model.eval()
     model.requires_grad_(False)
     architecture = architecture_for(model.config.model_type)
