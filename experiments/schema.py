@@ -60,7 +60,7 @@ class KLConfig:
 class EvalConfig:
     ppl: PPLConfig = field(default_factory=PPLConfig)
     tasks: list[str] = field(default_factory=list)  # lm-eval task names (experiments/zeroshot)
-    task_source: str = "auto"  # auto: local files when the hub is off, else the hub; or local / hub
+    task_source: str = "auto"  # auto: local files when they are there (or the hub is off), else the hub; or local / hub
     num_fewshot: int = 0
     limit: int | None = None  # first N items of each task (lm-eval's --limit): a reduced protocol
     batch_size: int = 1  # lm-eval's batch size for the tasks
