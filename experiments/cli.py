@@ -146,7 +146,9 @@ def app(cfg: DictConfig) -> float | None:
         message = user_error_message(error)
         if message is None:
             raise  # a bug: its traceback is what helps
-        kind = "config error" if isinstance(error, ConfigError) else "error"
+        from experiments.preflight import DataError
+
+        kind = "data error" if isinstance(error, DataError) else "config error" if isinstance(error, ConfigError) else "error"
         print(f"quantlab: {kind}: {message}", file=sys.stderr)
         if (run_dir / "result.json").is_file():
             print(f"quantlab: the run's record is {run_dir / 'result.json'}", file=sys.stderr)
