@@ -168,7 +168,39 @@ def app(cfg: DictConfig) -> float | None:
     return values[0] if values else None  # the first perplexity, for Hydra sweepers that optimize
 
 
+def output_folder_problem(argv: list[str]) -> str | None:
+    """Why the output folder named on the command line (or by QUANTLAB_OUTPUT_DIR) cannot be made
+    or written, or None. Checked before Hydra makes the run's directory, since Hydra's own error
+    there is a traceback."""
+    import os
+
+    given = {}
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if sep:
+            given[key] = value
+    folders = [given[k] for k in ("hydra.run.dir", "hydra.sweep.dir", "paths.output_dir") if k in given]
+    folders = folders or [os.environ.get("QUANTLAB_OUTPUT_DIR") or "outputs"]
+    for folder in folders:
+        if "${" in folder or "," in folder:  # an interpolation or a sweep: Hydra's business
+            continue
+        path = Path(folder).expanduser().absolute()
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"the output folder {path} cannot be made: {existing} is a file"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"the output folder {path} cannot be written: {existing} is read-only"
+    return None
+
+
 def main() -> None:
+    problem = output_folder_problem(sys.argv[1:])
+    if problem:
+        print(f"quantlab: error: {problem}; choose another with paths.output_dir=... or QUANTLAB_OUTPUT_DIR",
+              file=sys.stderr)
+        sys.exit(1)
     app()
 
 

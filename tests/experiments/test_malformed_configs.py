@@ -298,3 +298,21 @@ def test_names_never_leave_the_output_folder(args, tmp_path, tripwire, capsys, m
     assert status == 2 and "cannot name a directory inside the output folder" in err, output
     outside = [p for p in tmp_path.rglob("*") if out not in (p, *p.parents) and p not in out.parents]
     assert outside == [], outside
+
+
+@pytest.mark.parametrize("how", ["env", "override"])
+def test_an_output_folder_that_cannot_be_made_is_a_message(how, tmp_path, tripwire, capsys, monkeypatch):
+    """Hydra makes the run's directory before quantlab runs; its error there was a traceback."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    args = list(BASE)
+    if how == "env":
+        monkeypatch.setenv("QUANTLAB_OUTPUT_DIR", str(blocked / "out"))
+    else:
+        args.append(f"hydra.run.dir={blocked / 'run'}")
+    monkeypatch.setattr(sys, "argv", ["quantlab", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    out = capsys.readouterr()
+    assert exit_.value.code == 1 and "Traceback" not in out.out + out.err
+    assert f"{blocked} is a file" in out.err
