@@ -24,7 +24,6 @@ from kernels import QuantizedWeight
 from methods.base import Method
 from methods.block import LinearHook, ModuleCall
 
-
 log = logging.getLogger(__name__)
 
 class _StopForward(Exception):

@@ -316,3 +316,21 @@ def test_an_output_folder_that_cannot_be_made_is_a_message(how, tmp_path, tripwi
     out = capsys.readouterr()
     assert exit_.value.code == 1 and "Traceback" not in out.out + out.err
     assert f"{blocked} is a file" in out.err
+
+
+def test_a_text_with_too_few_tokens_is_a_message_after_tokenization(tmp_path, capsys, monkeypatch):
+    """Enough bytes for the preflight's bound, too few tokens for one window: the exact check comes
+    after tokenization (so after the load), and is a message too, not a traceback."""
+    data = tmp_path / "data" / "wikitext2"
+    data.mkdir(parents=True)
+    (data / "wiki.test.raw").write_text("a" * 300)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    args = [*BASE, "eval.ppl.datasets=[wikitext2]", "eval.ppl.seqlen=128", f"paths.data_dir={tmp_path / 'data'}",
+            f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    from experiments.cache import cache_root
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(cache_root() / "models")  # the converted tokenizer, shared
+    status, output, err = invoke(args, capsys, monkeypatch)
+    assert status == 1 and "Traceback" not in output, output
+    assert "fewer than seqlen=128" in err and "wikitext2" in err
