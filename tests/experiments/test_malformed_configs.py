@@ -334,3 +334,11 @@ def test_a_text_with_too_few_tokens_is_a_message_after_tokenization(tmp_path, ca
     status, output, err = invoke(args, capsys, monkeypatch)
     assert status == 1 and "Traceback" not in output, output
     assert "fewer than seqlen=128" in err and "wikitext2" in err
+
+
+def test_fp16_is_named_for_what_it_is():
+    """method=fp16 was named after the top-level bits (fp16-w4-g128) although nothing is quantized."""
+    from tests.conftest import compose_config
+
+    assert compose_config("method=fp16").name == "fp16-w16-g-1"
+    assert compose_config("method=rtn", "bits=3", "group_size=64").name == "rtn-w3-g64"
