@@ -103,9 +103,10 @@ def check_sweep(config: DictConfig) -> list[tuple[list[str], str]]:
         log.warning("could not expand the sweep to check its jobs first: %s", error)
         return []
     invalid = []
+    config_name = config.hydra.job.get("config_name") or "config"
     for job in jobs:
         try:
-            cfg = compose(config_name="config", overrides=job)
+            cfg = compose(config_name=config_name, overrides=job)
             check_config(cfg, job)
         except Exception as error:  # noqa: BLE001 - each invalid job is listed, with its message
             message = user_error_message(error) or f"{type(error).__name__}: {error}"

@@ -148,7 +148,9 @@ def app(cfg: DictConfig) -> float | None:
             raise  # a bug: its traceback is what helps
         from experiments.preflight import DataError
 
-        kind = "data error" if isinstance(error, DataError) else "config error" if isinstance(error, ConfigError) else "error"
+        kind = "error"
+        if isinstance(error, ConfigError):
+            kind = "data error" if isinstance(error, DataError) else "config error"
         print(f"quantlab: {kind}: {message}", file=sys.stderr)
         if (run_dir / "result.json").is_file():
             print(f"quantlab: the run's record is {run_dir / 'result.json'}", file=sys.stderr)

@@ -281,15 +281,16 @@ class DecoderBlockView:
             LayerRecord(
                 name=f"{self.name}.{name}", shape=qweight.shape, bits=qweight.bits,
                 storage_bits=qweight.storage_bits(), bits_per_weight=qweight.bits_per_weight(),
-                rel_weight_error=rel_error, seconds=seconds, info=dict(info), group_size=qweight.group_size,
-                group_size_effective=clamped_group_size(qweight.group_size, qweight.shape[1]),
+                rel_weight_error=rel_error, seconds=seconds, info=dict(info),
+                group_size=getattr(qweight, "group_size", None),  # formats without groups have none
+                group_size_effective=clamped_group_size(getattr(qweight, "group_size", None), qweight.shape[1]),
             )
         )
 
 
-def clamped_group_size(group_size: int, in_features: int) -> int:
+def clamped_group_size(group_size: int | None, in_features: int) -> int | None:
     """A group wider than the layer is one group per row: per channel (-1), recorded as such."""
-    return -1 if group_size != -1 and group_size > in_features else group_size
+    return -1 if group_size is not None and group_size != -1 and group_size > in_features else group_size
 
 
 @torch.no_grad()
