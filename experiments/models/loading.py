@@ -223,6 +223,13 @@ def load_model(
         where, kwargs, _ = _resolve_pretrained(borrowed_tokenizer_spec, cache_dir)
         tokenizer = _load_tokenizer(where, borrowed_tokenizer_spec, **kwargs)
         config = AutoConfig.for_model(**spec.random_config)
+        if len(tokenizer) > config.vocab_size:  # before the model is built: ids would index past it
+            from methods.base import ConfigError
+
+            raise ConfigError(
+                f"model.random_config.vocab_size={config.vocab_size} is smaller than the vocabulary of the "
+                f"tokenizer model {spec.name!r} borrows ({spec.tokenizer}: {len(tokenizer)} tokens); raise it"
+            )
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         canonical = json.dumps(spec.random_config, sort_keys=True)

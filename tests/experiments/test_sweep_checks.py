@@ -36,9 +36,10 @@ def test_skip_invalid_runs_the_valid_jobs_and_the_index_lists_both(tmp_path):
 
 
 def test_a_job_failing_at_run_time_does_not_stop_the_others_or_the_index(tmp_path):
-    # a vocabulary smaller than the tokenizer's passes every check but fails in the first forward
+    # a vocabulary smaller than the tokenizer's is only seen once the tokenizer loads
     done = quantlab_in(tmp_path, "-m", *TINY, "bits=4", "model.random_config.vocab_size=100,49152")
-    assert done.returncode != 0
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "model.random_config.vocab_size=100 is smaller than the vocabulary" in done.stderr
     index = pd.read_csv(tmp_path / "outputs" / "multiruns" / "sweep" / "index.csv")
     status = {run.split("vocab_size=")[1].split(",")[0]: s for run, s in zip(index["run"], index["status"])}
     assert status == {"100": "failed", "49152": "ok"}, index
