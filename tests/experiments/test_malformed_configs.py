@@ -342,3 +342,18 @@ def test_fp16_is_named_for_what_it_is():
 
     assert compose_config("method=fp16").name == "fp16-w16-g-1"
     assert compose_config("method=rtn", "bits=3", "group_size=64").name == "rtn-w3-g64"
+
+
+def test_a_full_output_folder_is_a_message(tmp_path, tripwire, capsys, monkeypatch):
+    import errno
+
+    import experiments.results
+
+    def full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(experiments.results, "atomic_write_json", full)
+    status, output, err = invoke([*BASE, f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                                 capsys, monkeypatch)
+    assert status == 1 and "Traceback" not in output, output
+    assert f"cannot write {tmp_path / 'run' / 'result.json'}: No space left on device" in err
