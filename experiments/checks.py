@@ -9,6 +9,7 @@ exits 2. `check_top_level` runs inside `schema.validate` (the typed groups need 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,8 @@ FLAGS = ("force", "skip_invalid")
 INT_KEYS = ("bits", "group_size", "seed")
 
 
-def known_top_level_keys() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def known_top_level_keys() -> frozenset[str]:
     """The groups of config.yaml's defaults list, its own keys and the flags."""
     primary = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))
     assert isinstance(primary, dict)
@@ -32,7 +34,7 @@ def known_top_level_keys() -> set[str]:
         if isinstance(entry, dict):
             groups.update(str(k).split("@")[0].removeprefix("optional ").strip() for k in entry)
     keys = {k for k in primary if k not in ("defaults", "hydra")}
-    return (groups | keys | set(FLAGS) | {"hydra"}) - {"experiment", "local", "_self_"}
+    return frozenset((groups | keys | set(FLAGS) | {"hydra"}) - {"experiment", "local", "_self_"})
 
 
 def _path_component(value: Any, key: str) -> None:

@@ -40,13 +40,29 @@ def _local_path(name: str, split: str) -> Path | None:
     return None
 
 
+# texts already read and checked in this process (a sweep checks every job, then each job again),
+# by file identity: an edited or replaced file is read again
+_READ: dict[tuple, Any] = {}
+
+
+def _identity(path: Path | None) -> tuple:
+    if path is None:
+        return ()
+    stat = path.stat()
+    return (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
 def read_text(what: str, name: str, split: str) -> Any:
     """resolve_rows with every failure turned into a DataError naming the file."""
     path = _local_path(name, split)
+    key = (str(data_dir().absolute()), name, split, _identity(path))
+    if key in _READ:
+        return _READ[key]
     where = str(path) if path else f"{name}/{split}"
     fix = "replace it with a good copy (the shared data folder has one) or point paths.data_dir elsewhere"
     try:
-        return resolve_rows(name, split)
+        _READ[key] = resolve_rows(name, split)
+        return _READ[key]
     except DatasetNotFound as error:
         raise DataError(f"{what}: {error}") from None
     except UnicodeDecodeError as error:
@@ -124,6 +140,10 @@ def check_tasks(run: Any) -> dict[str, str]:
             continue
         spec = LOCAL_TASKS[task.name]
         files = ", ".join(str(root / f) for f in spec.files)
+        key = (str(root), task.name, *(_identity(root / f) for f in spec.files))
+        fingerprints[f"task:{task.name}"] = f"local:{task.protocol.get('files_sha256')}"
+        if key in _READ:
+            continue
         try:
             rows = READERS[task.name](root)
         except UnicodeDecodeError as error:
@@ -143,7 +163,7 @@ def check_tasks(run: Any) -> dict[str, str]:
                 f"eval.tasks: {task.name}: {files} hold {len(rows)} items, not the published {spec.items}: "
                 "a different or truncated copy; replace it with a good copy"
             )
-        fingerprints[f"task:{task.name}"] = f"local:{task.protocol.get('files_sha256')}"
+        _READ[key] = True
     return fingerprints
 
 
