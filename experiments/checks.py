@@ -22,6 +22,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # a sweep, `+skip_invalid=true` runs a sweep's valid jobs and records the invalid ones as failed
 FLAGS = ("force", "skip_invalid")
 INT_KEYS = ("bits", "group_size", "seed")
+# keys quantlab itself adds to a run's recorded config (so a recorded config validates again)
+RECORDED = ("data_fingerprints",)
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,7 +36,7 @@ def known_top_level_keys() -> frozenset[str]:
         if isinstance(entry, dict):
             groups.update(str(k).split("@")[0].removeprefix("optional ").strip() for k in entry)
     keys = {k for k in primary if k not in ("defaults", "hydra")}
-    return frozenset((groups | keys | set(FLAGS) | {"hydra"}) - {"experiment", "local", "_self_"})
+    return frozenset((groups | keys | set(FLAGS) | set(RECORDED) | {"hydra"}) - {"experiment", "local", "_self_"})
 
 
 def _path_component(value: Any, key: str) -> None:
@@ -50,7 +52,7 @@ def _path_component(value: Any, key: str) -> None:
 def check_top_level(resolved: dict[str, Any]) -> None:
     unknown = sorted(set(resolved) - known_top_level_keys())
     if unknown:
-        valid = ", ".join(sorted(known_top_level_keys() - {"hydra"}))
+        valid = ", ".join(sorted(known_top_level_keys() - {"hydra", *RECORDED}))
         raise ConfigError(
             f"unknown top-level key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: a typo? "
             f"Valid: {valid}. Group knobs go under their group (e.g. method.damp, eval.ppl.seqlen)"
