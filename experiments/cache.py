@@ -7,7 +7,7 @@ everything that determines it, and each entry is computed once per key, whicheve
   waits and reads the first one's. The kernel drops a flock when its process dies, so a killed
   worker never blocks the others.
 - Every read is validated (tensor entries against the sha256 and size in a sidecar written
-  after them; JSON entries by parsing and comparing the stored key); an invalid entry (a copy
+  after them; JSON entries by parsing, comparing the stored key and the value's sha256); an invalid entry (a copy
   cut short, a bad disk, a writer from before the locks) is ignored, logged and recomputed.
 - Computations, hits, waits and invalid entries are appended to `<root>/events.jsonl`
   (`computations(root)` counts them), so a test or a user can check what a sweep shared.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,25 @@ from typing import Any
 
 EVENTS_FILE = "events.jsonl"
 _MISSING = object()
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+def writable_dir(folder: Path) -> bool:
+    """Whether entries can be written under `folder` (created if missing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def warn_uncached(folder: Path, why: str) -> None:
+    """Once per folder: a cache that cannot be written is skipped, never fatal."""
+    if str(folder) not in _WARNED:
+        _WARNED.add(str(folder))
+        log.warning("cache %s cannot be written (%s): running uncached; set paths.cache_dir "
+                    "(QUANTLAB_CACHE_DIR) to a writable folder to share work between runs", folder, why)
 
 
 def cache_root() -> Path:
@@ -44,6 +64,12 @@ def key_hash(key: dict[str, Any]) -> str:
 def _canonical(key: dict[str, Any]) -> Any:
     """The key as it reads back from JSON (tuples become lists, objects strings)."""
     return json.loads(json.dumps(key, default=str))
+
+
+def _value_sha256(value: Any) -> str:
+    """Checksum of a JSON entry's value as it reads back: a hand-edited baseline is not used."""
+    canonical = json.dumps(json.loads(json.dumps(value, default=str)), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -164,6 +190,8 @@ class Cache:
             entry = json.loads(path.read_text())
             if not isinstance(entry, dict) or "value" not in entry or entry.get("key") != _canonical(key):
                 raise _Invalid(path)
+            if entry.get("sha256") != _value_sha256(entry["value"]):  # edited by hand, or from before checksums
+                raise _Invalid(path)
         except (ValueError, UnicodeDecodeError) as error:
             raise _Invalid(path) from error
         return entry["value"]
@@ -177,7 +205,7 @@ class Cache:
         return None if value is _MISSING else value
 
     def put_json(self, key: dict[str, Any], value: Any) -> None:
-        atomic_write_json(self._path(key, ".json"), {"key": key, "value": value})
+        atomic_write_json(self._path(key, ".json"), {"key": key, "value": value, "sha256": _value_sha256(value)})
 
     def get_or_compute_json(self, key: dict[str, Any], compute: Callable[[], Any]) -> Any:
         return self._get_or_compute(key, self._read_json, self.put_json, compute, (".json",))
@@ -235,6 +263,9 @@ class Cache:
                 return value
         except _Invalid:
             pass  # looked at again under the lock, where it is safe to replace
+        if not writable_dir(self.dir):
+            warn_uncached(self.root, "not writable")
+            return compute()
         with self.lock(key):
             try:
                 value = read(key)  # another worker may have computed it while this one waited
@@ -251,7 +282,11 @@ class Cache:
             for suffix in suffixes:
                 self._path(key, suffix).unlink(missing_ok=True)
             value = compute()
-            write(key, value)
+            try:
+                write(key, value)
+            except OSError as error:  # a full disk, a quota: the value is good, only the cache is not
+                warn_uncached(self.root, f"{type(error).__name__}: {error}")
+                return value
             self._log(key, "compute")
             return value
 
@@ -265,6 +300,14 @@ def build_dir_once(
     if is_valid(target):
         log_event(root, kind, name, "hit")
         return target
+    if not writable_dir(target.parent):  # build it for this process only, in a temporary folder
+        warn_uncached(target.parent, "not writable")
+        import atexit
+
+        staging = Path(tempfile.mkdtemp(prefix=f"quantlab-{name}-"))
+        atexit.register(shutil.rmtree, staging, True)
+        build(staging)
+        return staging
     with file_lock(target.parent / f"{name}.lock", on_wait=lambda: log_event(root, kind, name, "wait")):
         if is_valid(target):
             log_event(root, kind, name, "hit")

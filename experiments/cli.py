@@ -17,6 +17,17 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # become two nested directories. Registered at import, so launcher workers (joblib, submitit)
 # that unpickle this module's task function have it too.
 OmegaConf.register_new_resolver("path_safe", lambda text: str(text).replace("/", "-"), replace=True)
+
+
+def _path_part(text: Any) -> str:
+    """`name` and `sweep_name` as one directory name that stays inside the output folder: no
+    separators, no '..'. (Such names are refused before the run starts; this keeps even the
+    directory Hydra makes before that inside.)"""
+    part = str(text).replace("/", "-").replace("\\", "-").replace("\0", "")
+    return "_" if part.strip(".") == "" else part
+
+
+OmegaConf.register_new_resolver("path_part", _path_part, replace=True)
 log = logging.getLogger("quantlab")
 
 
@@ -39,27 +50,81 @@ def load_group_option(group: str, name: str) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def run_from_config(cfg: DictConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Validate, then execute; a config error still leaves a failed record in the run directory.
-    A run directory that already holds an ok record of the same configuration is not run again
-    (re-running a sweep resumes it) unless the config says `force: true`."""
-    from experiments.results import RunRecord, finished_record
-    from experiments.run import execute
+def _task_overrides() -> list[str] | None:
+    """The command line's overrides of this job, when Hydra runs it."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra (a test, a notebook)
+        return None
+
+
+def check_config(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Any, dict[str, str]]:
+    """Everything checked before a model loads: the typed groups (schema.validate), the rest of
+    the config (experiments/checks.py) and every data file the run reads (experiments/preflight.py).
+    Returns the validated RunConfig and the content fingerprints of its data."""
+    from experiments.checks import check_run
+    from experiments.preflight import check_data
+    from experiments.run import data_dir_from_config
     from experiments.schema import validate
+
+    run = validate(cfg, load_group_option)
+    check_run(run, overrides)
+    with data_dir_from_config(run):
+        data = check_data(run)
+    return run, data
+
+
+def run_from_config(
+    cfg: DictConfig, run_dir: Path, progress: bool = True, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Validate, then execute; a config error still leaves a failed record in the run directory.
+    A run directory that already holds an ok record of the same configuration and the same data
+    (content fingerprints, not paths) is not run again (re-running a sweep resumes it) unless the
+    config says `force: true`."""
+    from experiments.results import RunRecord, finished_record, read_result
+    from experiments.run import execute
 
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     container.pop("hydra", None)
+    try:
+        run, data = check_config(cfg, _task_overrides() if overrides is None else overrides)
+    except Exception as error:
+        try:  # a rerun with a broken setup (a moved data folder) must not erase a finished result
+            finished = read_result(run_dir).get("status") == "ok"
+        except (OSError, ValueError):
+            finished = False
+        if not finished:
+            RunRecord(run_dir, container).finish_failed(error)
+        raise
+    container["data_fingerprints"] = data  # part of the config hash: resume is keyed by the data's content
     done = None if container.get("force") else finished_record(run_dir, container)
     if done is not None:
         log.info("%s already holds a finished run of this config: skipped (+force=true redoes it)", run_dir)
         return {**done, "skipped": True}
-    try:
-        run = validate(cfg, load_group_option)
-    except Exception as error:
-        RunRecord(run_dir, container).finish_failed(error)
-        raise
     return execute(run, container, run_dir, progress=progress)
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The message of an error the user can fix (a config, a file, a missing model, a directory
+    that cannot be written), printed without a traceback; None for anything else."""
+    import errno
+
+    from experiments.data.calibration import CalibrationDataUnavailable
+    from experiments.data.sources import DatasetNotFound, TextTooShort
+    from experiments.models.adapters import UnsupportedArchitecture
+    from experiments.models.loading import ModelNotAvailable
+    from methods.base import ConfigError
+
+    if isinstance(error, (ConfigError, ModelNotAvailable, DatasetNotFound, CalibrationDataUnavailable,
+                          UnsupportedArchitecture, TextTooShort)):
+        return str(error)
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                                                      errno.EDQUOT):
+        where = f" {error.filename}" if error.filename else ""
+        return (f"cannot write{where}: {error.strerror}; choose a writable folder with enough space "
+                "(paths.output_dir / QUANTLAB_OUTPUT_DIR, paths.cache_dir / QUANTLAB_CACHE_DIR)")
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -72,14 +137,26 @@ def app(cfg: DictConfig) -> float | None:
 
     signal.signal(signal.SIGTERM, _raise_interrupted)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    if sweep:
         group_by_sweep(cfg)
     try:
         record = run_from_config(cfg, run_dir)
-    except ConfigError as error:
-        print(f"quantlab: config error: {error}", file=sys.stderr)
-        print(f"quantlab: a failed record was written to {run_dir / 'result.json'}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as error:
+        message = user_error_message(error)
+        if message is None:
+            raise  # a bug: its traceback is what helps
+        from experiments.preflight import DataError
+
+        kind = "error"
+        if isinstance(error, ConfigError):
+            kind = "data error" if isinstance(error, DataError) else "config error"
+        print(f"quantlab: {kind}: {message}", file=sys.stderr)
+        if (run_dir / "result.json").is_file():
+            print(f"quantlab: the run's record is {run_dir / 'result.json'}", file=sys.stderr)
+        if sweep:  # the sweep's other jobs still run; its index lists this one as failed
+            return None
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
     print()
     if record.get("skipped"):
         print(f"skipped: {run_dir} already holds a finished run of this config (+force=true redoes it)")
@@ -93,7 +170,39 @@ def app(cfg: DictConfig) -> float | None:
     return values[0] if values else None  # the first perplexity, for Hydra sweepers that optimize
 
 
+def output_folder_problem(argv: list[str]) -> str | None:
+    """Why the output folder named on the command line (or by QUANTLAB_OUTPUT_DIR) cannot be made
+    or written, or None. Checked before Hydra makes the run's directory, since Hydra's own error
+    there is a traceback."""
+    import os
+
+    given = {}
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if sep:
+            given[key] = value
+    folders = [given[k] for k in ("hydra.run.dir", "hydra.sweep.dir", "paths.output_dir") if k in given]
+    folders = folders or [os.environ.get("QUANTLAB_OUTPUT_DIR") or "outputs"]
+    for folder in folders:
+        if "${" in folder or "," in folder:  # an interpolation or a sweep: Hydra's business
+            continue
+        path = Path(folder).expanduser().absolute()
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"the output folder {path} cannot be made: {existing} is a file"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"the output folder {path} cannot be written: {existing} is read-only"
+    return None
+
+
 def main() -> None:
+    problem = output_folder_problem(sys.argv[1:])
+    if problem:
+        print(f"quantlab: error: {problem}; choose another with paths.output_dir=... or QUANTLAB_OUTPUT_DIR",
+              file=sys.stderr)
+        sys.exit(1)
     app()
 
 

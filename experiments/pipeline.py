@@ -9,6 +9,7 @@ model stays where it was loaded, so a model larger than the GPU can be quantized
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from kernels.format import WeightFormat
 from methods.base import Method
 from methods.block import LinearHook, ModuleCall
 
+log = logging.getLogger(__name__)
 
 class _StopForward(Exception):
     """Raised from a hook to end a forward pass early once what is needed has been seen."""
@@ -39,13 +41,18 @@ class LayerRecord:
     rel_weight_error: float
     seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    group_size: int | None = None  # as configured
+    group_size_effective: int | None = None  # -1 where the group is wider than the layer (per channel)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name, "shape": list(self.shape), "bits": self.bits,
             "storage_bits": self.storage_bits, "bits_per_weight": self.bits_per_weight,
             "rel_weight_error": self.rel_weight_error, "seconds": self.seconds, "info": self.info,
         }
+        if self.group_size_effective is not None and self.group_size_effective != self.group_size:
+            out.update(group_size=self.group_size, group_size_effective=self.group_size_effective)
+        return out
 
 
 @dataclass
@@ -281,8 +288,15 @@ class DecoderBlockView:
                 name=f"{self.name}.{name}", shape=qweight.shape, bits=qweight.bits,
                 storage_bits=qweight.storage_bits(), bits_per_weight=qweight.bits_per_weight(),
                 rel_weight_error=rel_error, seconds=seconds, info=dict(info),
+                group_size=getattr(qweight, "group_size", None),  # formats without groups have none
+                group_size_effective=clamped_group_size(getattr(qweight, "group_size", None), qweight.shape[1]),
             )
         )
+
+
+def clamped_group_size(group_size: int | None, in_features: int) -> int | None:
+    """A group wider than the layer is one group per row: per channel (-1), recorded as such."""
+    return -1 if group_size is not None and group_size != -1 and group_size > in_features else group_size
 
 
 @torch.no_grad()
@@ -335,4 +349,11 @@ def quantize_model(
             formats.update(view.formats)
     seconds["method_s"] = method_s
     seconds["block_forward_s"] = forward_s
+    clamped = sorted({(r.group_size, r.shape[1]) for r in records if r.group_size_effective != r.group_size})
+    if clamped:
+        log.warning(
+            "group_size=%s is wider than %d linears (input widths %s): they are quantized per channel, and "
+            "their layer records say group_size_effective=-1", clamped[0][0],
+            sum(r.group_size_effective != r.group_size for r in records), sorted({w for _, w in clamped}),
+        )
     return QuantizationReport(records, seconds, formats)

@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def config_hash(config: dict[str, Any]) -> str:
     """Hash of what determines the numbers: the resolved config without paths and logging."""
     relevant = {
-        k: v for k, v in config.items() if k not in ("paths", "logger", "tags", "hydra", "force", "sweep_name")
+        k: v for k, v in config.items() if k not in ("paths", "logger", "tags", "hydra", "force", "skip_invalid", "sweep_name")
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

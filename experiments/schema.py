@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import methods
+from experiments.checks import check_top_level
 from experiments.data.calibration import CALIBRATION_DATASETS, SAMPLINGS, CalibrationSpec
 from experiments.data.protocols import EVAL_DATASETS
 from experiments.models.loading import DTYPES, ModelSpec
@@ -61,7 +62,7 @@ class KLConfig:
 class EvalConfig:
     ppl: PPLConfig = field(default_factory=PPLConfig)
     tasks: list[str] = field(default_factory=list)  # lm-eval task names (experiments/zeroshot)
-    task_source: str = "auto"  # auto: local files when the hub is off, else the hub; or local / hub
+    task_source: str = "auto"  # auto: local files when they are there (or the hub is off), else the hub; or local / hub
     num_fewshot: int = 0
     limit: int | None = None  # first N items of each task (lm-eval's --limit): a reduced protocol
     batch_size: int = 1  # lm-eval's batch size for the tasks
@@ -132,7 +133,10 @@ def _typed(schema: type, section: Any, group: str) -> Any:
         merged = OmegaConf.merge(OmegaConf.structured(schema), section)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise ConfigError(f"config group {group!r}: {error.msg if hasattr(error, 'msg') else error}") from None
+        message = str(error.msg if hasattr(error, "msg") else error).splitlines()[0]
+        key = getattr(error, "full_key", None)
+        where = f" key {group.split('/')[0]}.{key}" if key else ""
+        raise ConfigError(f"config group {group!r}{where}: {message}") from None
 
 
 def _choice(value: str, valid: tuple[str, ...] | list[str], what: str) -> None:
@@ -214,6 +218,7 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
     except OmegaConfBaseException as error:
         raise ConfigError(f"config does not resolve: {error}") from None
     assert isinstance(resolved, dict)
+    check_top_level(resolved)  # unknown keys, types, names that become paths (experiments/checks.py)
     model = model_spec(resolved["model"])
     method_name, method = validate_method(resolved["method"])
     calib = _typed(CalibConfig, resolved["calib"], "calib")

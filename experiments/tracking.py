@@ -63,14 +63,18 @@ class WandbTracker(Tracker):
         self.run = None
 
     def start(self, run_dir: Path, name: str, config: dict[str, Any]) -> None:
-        import wandb
+        try:
+            import wandb
 
-        self.run = wandb.init(
-            project=self.settings.project, entity=self.settings.entity, mode=self.settings.mode,
-            group=self.settings.group, job_type=self.settings.job_type, tags=self.settings.tags or None,
-            name=name, dir=str(run_dir), config=flatten(config), reinit="finish_previous",
-            settings=wandb.Settings(silent=True),
-        )
+            self.run = wandb.init(
+                project=self.settings.project, entity=self.settings.entity, mode=self.settings.mode,
+                group=self.settings.group, job_type=self.settings.job_type, tags=self.settings.tags or None,
+                name=name, dir=str(run_dir), config=flatten(config), reinit="finish_previous",
+                settings=wandb.Settings(silent=True),
+            )
+        except Exception as error:  # noqa: BLE001 - tracking never fails a run: the record is the truth
+            log.warning("wandb could not start (%s: %s): the run goes on without tracking", type(error).__name__, error)
+            self.run = None
 
     def finish(self, record: dict[str, Any]) -> None:
         if self.run is None:
@@ -96,7 +100,10 @@ class WandbTracker(Tracker):
         except Exception as error:  # noqa: BLE001 - tracking must never fail a finished run
             log.warning("wandb logging failed: %s", error)
         finally:
-            self.run.finish(exit_code=0 if record["status"] == "ok" else 1)
+            try:
+                self.run.finish(exit_code=0 if record["status"] == "ok" else 1)
+            except Exception as error:  # noqa: BLE001 - nor does finishing it
+                log.warning("wandb could not finish the run: %s", error)
             self.run = None
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .sources import TextTooShort
 from .tokenization import encode
 
 
@@ -57,7 +58,7 @@ def draw_awq_blocks(
     stream = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
     n_blocks = stream.numel() // block_size
     if n_blocks == 0:
-        raise ValueError(
+        raise TextTooShort(
             f"{dataset}: AWQ sampling found {len(pieces)} lines of at most {max_line_tokens} tokens "
             f"({stream.numel()} tokens), less than one block of {block_size}; raise calib.nsamples "
             "(the number of lines) or lower calib.seqlen"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .sources import TextTooShort
 from .tokenization import encode
 
 
@@ -27,7 +28,7 @@ def draw_stream_windows(
     """
     n = ids.numel()
     if n <= seqlen:
-        raise ValueError(
+        raise TextTooShort(
             f"{dataset}: calibration needs more than seqlen={seqlen} tokens of text, "
             f"but its joined text has only {n} tokens"
         )
@@ -92,7 +93,7 @@ def draw_document_windows(
                     rejected.add(i)
                     if len(rejected) == len(docs):
                         needed = ">=" if accept_equal else ">"
-                        raise ValueError(
+                        raise TextTooShort(
                             f"{dataset}: no document has {needed} seqlen={seqlen} tokens "
                             f"(longest of all {len(docs)} documents: {longest} tokens)"
                         )

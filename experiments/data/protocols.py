@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .gptq_sampling import draw_document_windows
-from .sources import resolve_rows
+from .sources import TextTooShort, resolve_rows
 from .tokenization import encode, starts_with_bos, tokenizer_name
 
 EVAL_DATASETS = ("wikitext2", "ptb", "ptb-new", "c4", "c4-new", "pydocs")
@@ -79,7 +79,7 @@ def _stream_windows(name: str, tokenizer, seqlen: int, max_windows: int | None) 
         ids = ids[: text.max_windows * seqlen]
     total = ids.numel() // seqlen  # non-overlapping windows; the tail is dropped
     if total == 0:
-        raise ValueError(
+        raise TextTooShort(
             f"{name}: only {ids.numel()} tokens available, fewer than seqlen={seqlen}: "
             "not even one evaluation window"
         )

@@ -72,6 +72,12 @@ class DatasetNotFound(FileNotFoundError):
         super().__init__("\n".join(lines))
 
 
+class TextTooShort(ValueError):
+    """A text gives fewer tokens than one window or calibration sample needs; the message says
+    which text and which knob to lower. (The preflight catches most cases from the byte count
+    before the model loads; this is the exact check, after tokenization.)"""
+
+
 @dataclass(frozen=True)
 class ResolvedRows:
     """The rows of one dataset split and the variant string that describes them."""

@@ -84,16 +84,54 @@ def package_gguf_path() -> Path:
     return path
 
 
+VERIFIED_STAMP = ".quantlab-verified.json"  # files whose content matched the manifest, by stat identity
+
+
+def _file_identity(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
+def _content_matches(folder: Path, hashes: dict[str, str]) -> bool:
+    """Every file's sha256 equals the manifest's. A file is hashed once: its identity (size, mtime,
+    inode) is then stamped, and a later load hashes it again only when that identity changed
+    (an edited, replaced or copied file), so loads stay fast."""
+    stamp_path = folder / VERIFIED_STAMP
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    verified = {}
+    for name, expected in hashes.items():
+        identity = _file_identity(folder / name)
+        if stamp.get(name) != [expected, *identity]:
+            if file_sha256(folder / name) != expected:
+                return False
+        verified[name] = [expected, *identity]
+    if verified != stamp:
+        try:
+            from experiments.cache import atomic_write_json
+
+            atomic_write_json(stamp_path, verified)
+        except OSError:  # a read-only cache: verified again next time
+            pass
+    return True
+
+
 def _converted_copy_is_valid(folder: Path, sha: str) -> bool:
     """A finished conversion of the GGUF file with hash `sha`: its manifest names the source and
-    the size of every file it wrote, so a folder cut short (a copy, a full disk) is not used."""
+    the size and sha256 of every file it wrote, so a folder cut short (a copy, a full disk) or
+    altered is not used."""
     try:
         manifest = json.loads((folder / SOURCE_MANIFEST).read_text())
         if manifest["sha256"] != sha:
             return False
         if "files" not in manifest:  # written before manifests listed files (renamed into place whole)
             return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-        return all((folder / name).stat().st_size == size for name, size in manifest["files"].items())
+        if not all((folder / name).stat().st_size == size for name, size in manifest["files"].items()):
+            return False
+        # by content where the manifest has the hashes (conversions before it had sizes only)
+        return _content_matches(folder, manifest["files_sha256"]) if "files_sha256" in manifest else True
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -117,11 +155,14 @@ def gguf_as_hf_folder(gguf: Path, cache_dir: Path | None = None) -> tuple[Path, 
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         files = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file()}
-        (staging / SOURCE_MANIFEST).write_text(json.dumps({"gguf": str(gguf), "sha256": sha, "files": files}))
+        hashes = {name: file_sha256(staging / name) for name in files}
+        (staging / SOURCE_MANIFEST).write_text(
+            json.dumps({"gguf": str(gguf), "sha256": sha, "files": files, "files_sha256": hashes})
+        )
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build_dir_once(target, convert, lambda folder: _converted_copy_is_valid(folder, sha), "models", root)
-    return target, sha
+    # a temporary copy instead of `target` when the cache cannot be written
+    folder = build_dir_once(target, convert, lambda folder: _converted_copy_is_valid(folder, sha), "models", root)
+    return folder, sha
 
 
 def _folder_fingerprint(folder: Path) -> str:
@@ -182,6 +223,13 @@ def load_model(
         where, kwargs, _ = _resolve_pretrained(borrowed_tokenizer_spec, cache_dir)
         tokenizer = _load_tokenizer(where, borrowed_tokenizer_spec, **kwargs)
         config = AutoConfig.for_model(**spec.random_config)
+        if len(tokenizer) > config.vocab_size:  # before the model is built: ids would index past it
+            from methods.base import ConfigError
+
+            raise ConfigError(
+                f"model.random_config.vocab_size={config.vocab_size} is smaller than the vocabulary of the "
+                f"tokenizer model {spec.name!r} borrows ({spec.tokenizer}: {len(tokenizer)} tokens); raise it"
+            )
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         canonical = json.dumps(spec.random_config, sort_keys=True)
@@ -196,6 +244,9 @@ def load_model(
                 f"model {spec.name!r}: weights not found at {where} ({error}). Offline, hub models must "
                 "already be in the HF cache."
             ) from error
+        commit = getattr(model.config, "_commit_hash", None)
+        if spec.source == "hub" and commit:  # pinned: a moved branch is another model
+            fingerprint = f"hub:{spec.path}@{commit}"
     model.eval()
     model.requires_grad_(False)
     architecture = architecture_for(model.config.model_type)

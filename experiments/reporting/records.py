@@ -203,7 +203,10 @@ def load_runs(paths: Iterable[Path | str], dedupe: bool = True) -> pd.DataFrame:
     for path in find_result_files(paths):
         record = read_record(path)
         if record is not None:
-            rows.extend(record_rows(path, record))
+            try:
+                rows.extend(record_rows(path, record))
+            except (AttributeError, TypeError, ValueError, KeyError) as error:  # a hand-edited or foreign JSON
+                warn(f"skipping {path}: not a well-formed run record ({type(error).__name__}: {error})")
     frame = pd.DataFrame(rows)
     for column in RUN_COLUMNS:
         if column not in frame:

@@ -90,15 +90,16 @@ def lm_eval_version() -> str:
 
 def resolve_tasks(names: list[str], data_dir: Path, source: str = "auto") -> list[ResolvedTask]:
     """Decide local or hub for each task name, and fail early (before any model loads) when the
-    data a task needs is not there. `auto`: local when the hub is off (HF_*_OFFLINE) and the
-    files are in the data directory, else the hub."""
+    data a task needs is not there. `auto`: local when the task's files are in the data directory
+    (a machine without network need not say HF_DATASETS_OFFLINE=1) or the hub is off
+    (HF_*_OFFLINE), else the hub. The record says which source each task used."""
     if source not in TASK_SOURCES:
         raise ConfigError(f"eval.task_source={source!r} is not valid; choose one of: {', '.join(TASK_SOURCES)}")
     offline = hub_offline_reason()
     resolved = []
     for name in names:
         local_ok = name in LOCAL_TASKS and all((data_dir / f).is_file() for f in LOCAL_TASKS[name].files)
-        use_local = name == "hellaswag_local" or source == "local" or (source == "auto" and offline is not None)
+        use_local = name == "hellaswag_local" or source == "local" or (source == "auto" and (offline is not None or local_ok))
         if use_local and name == "hellaswag":
             # the local copy cannot reproduce lm-eval's `hellaswag`: it runs under its own name,
             # and the record says so (eval=paper names `hellaswag` and works offline too)

@@ -96,6 +96,30 @@ def test_a_damaged_json_entry_is_recomputed(tmp_path):
     assert json.loads(path.read_text())["value"] == {"ppl": 13.0}
 
 
+def test_an_edited_json_entry_is_recomputed(tmp_path):
+    """Editing the cached baseline's JSON changed the reported fp16 numbers: its value is checksummed."""
+    cache = Cache("baseline", tmp_path)
+    cache.get_or_compute_json(KEY, lambda: {"ppl": 12.5})
+    path = tmp_path / "baseline" / f"{key_hash(KEY)}.json"
+    entry = json.loads(path.read_text())
+    entry["value"]["ppl"] = 1.0
+    path.write_text(json.dumps(entry))
+    assert cache.get_json(KEY) is None
+    assert cache.get_or_compute_json(KEY, lambda: {"ppl": 12.5}) == {"ppl": 12.5}
+
+
+def test_a_cache_that_cannot_be_written_warns_and_computes(tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    cache = Cache("baseline", blocked / "cache")
+    assert cache.get_or_compute_json(KEY, lambda: {"ppl": 12.5}) == {"ppl": 12.5}
+    assert torch.equal(cache.get_or_compute_tensors(KEY, lambda: torch.ones(3)), torch.ones(3))
+    built = build_dir_once(blocked / "models" / "m", lambda d: (d / "x").write_text("1"), lambda d: False, "models",
+                           blocked)
+    assert (built / "x").read_text() == "1"
+    assert "cannot be written" in caplog.text and "running uncached" in caplog.text
+
+
 # A worker that computes a slow JSON entry; all start together and print what they got.
 WORKER = """
     import os, sys, time

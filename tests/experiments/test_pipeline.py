@@ -170,3 +170,15 @@ def _fresh_tiny_llama():
     from tests.conftest import _load
 
     return _load("tiny-llama")
+
+
+def test_a_group_wider_than_the_layer_is_recorded_as_per_channel(tiny_llama, caplog):
+    """group_size=128 on 64-wide linears silently became per channel, recorded as 128."""
+    report = quantize_model(
+        tiny_llama.model, tiny_llama.architecture, RTN(RTNConfig(bits=4, group_size=128)), None,
+        torch.device("cpu"), progress=False,
+    )
+    layers = {r.name.split(".")[-1]: r.as_dict() for r in report.layers}
+    assert layers["q_proj"]["group_size"] == 128 and layers["q_proj"]["group_size_effective"] == -1
+    assert "group_size_effective" not in layers["down_proj"]  # 160 wide: groups of 128 and 32
+    assert "group_size=128 is wider than 12 linears (input widths [64])" in caplog.text

@@ -165,6 +165,16 @@ def test_unreadable_files_are_skipped_with_a_warning_naming_them(tmp_path, capsy
     assert "no such file or directory" in err
 
 
+def test_a_malformed_record_is_skipped_with_a_warning(tmp_path, capsys):
+    """A JSON object that is not a run record made quantlab-report raise AttributeError."""
+    write_run(tmp_path, "good")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "result.json").write_text('{"status": "ok", "model": "x", "metrics": [1], "calib": 3}')
+    runs = load_runs([tmp_path])
+    assert len(runs) == 1
+    assert f"skipping {tmp_path / 'odd' / 'result.json'}: not a well-formed run record" in capsys.readouterr().err
+
+
 def test_a_file_found_through_two_paths_is_read_once(tmp_path):
     run_dir = write_run(tmp_path, "a")
     assert len(load_runs([tmp_path, run_dir, run_dir / "result.json"])) == 1

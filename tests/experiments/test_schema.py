@@ -7,6 +7,7 @@ import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
+from experiments.checks import check_run
 from experiments.cli import CONF_DIR, load_group_option
 from experiments.schema import validate
 from methods.base import ConfigError
@@ -20,6 +21,7 @@ def options(group: str) -> list[str]:
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes_and_validates(experiment):
     run = validate(compose_config(f"experiment={experiment}"), load_group_option)
+    check_run(run, [f"experiment={experiment}"])  # the checks beyond the schema refuse none of ours
     assert run.method_name and run.eval.ppl.datasets
 
 
@@ -29,6 +31,7 @@ def test_every_experiment_composes_and_validates(experiment):
 )
 def test_every_group_option_validates(group, choice):
     run = validate(compose_config(f"{group}={choice}"), load_group_option)
+    check_run(run, [f"{group}={choice}"])
     assert run is not None
 
 

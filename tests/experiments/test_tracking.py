@@ -26,13 +26,31 @@ def test_wandb_run_is_finished_when_the_run_fails(tmp_path, monkeypatch):
     import pytest
     import wandb
 
-    from experiments.data.sources import DatasetNotFound
+    import experiments.run
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("the model could not be loaded")
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("QUANTLAB_DATA_DIR", str(tmp_path / "empty"))
-    overrides = [o for o in TINY if not o.startswith("eval.ppl.datasets")] + ["eval.ppl.datasets=[wikitext2]"]
-    with pytest.raises(DatasetNotFound, match="wiki.test.raw"):
-        run_from_config(compose_config(*overrides, "logger=wandb"), tmp_path / "run", progress=False)
+    monkeypatch.setattr(experiments.run, "load_model", broken_load)
+    with pytest.raises(RuntimeError, match="could not be loaded"):
+        run_from_config(compose_config(*TINY, "logger=wandb"), tmp_path / "run", progress=False)
     assert wandb.run is None, "the failed run's tracker was finished"
     record = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert record["status"] == "failed" and "DatasetNotFound" in record["error"]
+    assert record["status"] == "failed" and "could not be loaded" in record["error"]
+
+
+def test_a_wandb_error_warns_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    """README: tracking never fails a run (logger.project="a/b" made wandb.init raise)."""
+    import wandb
+
+    def refuse(**kwargs):
+        raise wandb.errors.UsageError(f"Invalid project name {kwargs['project']!r}: cannot contain '/'")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", refuse)
+    record = run_from_config(compose_config(*TINY, "logger=wandb", "logger.project=a/b"), tmp_path / "run",
+                             progress=False)
+    assert record["status"] == "ok"
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "ok"
+    assert "wandb could not start" in caplog.text and "a/b" in caplog.text

@@ -87,6 +87,18 @@ def test_resolution_offline_online_and_errors(data_dir, tmp_path, monkeypatch):
     assert {"piqa", "hellaswag"} <= set(manager.all_subtasks) and len(manager.all_subtasks) < 10
 
 
+def test_auto_prefers_the_local_files_without_the_offline_variables(data_dir, tmp_path, monkeypatch):
+    """Without HF_DATASETS_OFFLINE=1 and without network, eval.tasks=[piqa] went to the hub (and
+    failed after the model loaded) although the local files were there."""
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    tasks = resolve_tasks(["piqa", "hellaswag"], data_dir, "auto")
+    # hellaswag has no faithful local copy: online it stays lm-eval's own
+    assert [(t.name, t.source) for t in tasks] == [("piqa", "local"), ("hellaswag", "hub")]
+    assert tasks[0].protocol["source"] == "local" and tasks[0].protocol["files_sha256"]
+    assert [t.source for t in resolve_tasks(["piqa"], tmp_path, "auto")] == ["hub"]  # no local files
+
+
 def test_config_errors_come_before_any_model():
     from experiments.schema import validate
     from tests.conftest import compose_config

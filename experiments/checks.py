@@ -1,0 +1,212 @@
+"""Checks beyond the typed groups of schema.py, all before the model loads: the top-level keys
+(unknown keys, types, names that become paths), what a method cannot mean (fp16 at 3 bits), the
+device, the shapes of random models, window lengths, and an evaluation that measures something.
+
+Each failure is a ConfigError that names the key and the fix; `experiments.cli` prints it and
+exits 2. `check_top_level` runs inside `schema.validate` (the typed groups need ints there);
+`check_run` runs on the validated `RunConfig`.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from methods.base import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# keys a run may carry besides those of conf/config.yaml: `+force=true` redoes finished runs of
+# a sweep, `+skip_invalid=true` runs a sweep's valid jobs and records the invalid ones as failed
+FLAGS = ("force", "skip_invalid")
+INT_KEYS = ("bits", "group_size", "seed")
+# keys quantlab itself adds to a run's recorded config (so a recorded config validates again)
+RECORDED = ("data_fingerprints",)
+
+
+@functools.lru_cache(maxsize=1)
+def known_top_level_keys() -> frozenset[str]:
+    """The groups of config.yaml's defaults list, its own keys and the flags."""
+    primary = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml"))
+    assert isinstance(primary, dict)
+    groups = set()
+    for entry in primary.get("defaults", []):
+        if isinstance(entry, dict):
+            groups.update(str(k).split("@")[0].removeprefix("optional ").strip() for k in entry)
+    keys = {k for k in primary if k not in ("defaults", "hydra")}
+    return frozenset((groups | keys | set(FLAGS) | set(RECORDED) | {"hydra"}) - {"experiment", "local", "_self_"})
+
+
+def _path_component(value: Any, key: str) -> None:
+    """name and sweep_name become directory names: one plain component, inside the output folder."""
+    text = str(value)
+    if not text.strip() or text in (".", "..") or any(c in text for c in "/\\\0") or text.startswith("~"):
+        raise ConfigError(
+            f"{key}={text!r} cannot name a directory inside the output folder: use a plain name without "
+            "'/', '\\\\', '~' or '..' (paths.output_dir moves the folder itself)"
+        )
+
+
+def check_top_level(resolved: dict[str, Any]) -> None:
+    unknown = sorted(set(resolved) - known_top_level_keys())
+    if unknown:
+        valid = ", ".join(sorted(known_top_level_keys() - {"hydra", *RECORDED}))
+        raise ConfigError(
+            f"unknown top-level key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: a typo? "
+            f"Valid: {valid}. Group knobs go under their group (e.g. method.damp, eval.ppl.seqlen)"
+        )
+    for key in INT_KEYS:
+        value = resolved.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer (e.g. {key}=4)")
+    for key in FLAGS:
+        if key in resolved and not isinstance(resolved[key], bool):
+            raise ConfigError(f"{key}={resolved[key]!r} must be true or false")
+    tags = resolved.get("tags")
+    if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, (str, int, float)) for t in tags)):
+        raise ConfigError(f"tags={tags!r} must be a list of words: tags=[a,b]")
+    compare = resolved.get("compare_with")
+    if compare is not None:
+        if not isinstance(compare, list) or not all(isinstance(n, str) for n in compare):
+            raise ConfigError(
+                f"compare_with={compare!r} must be a list of method names, e.g. compare_with=[rtn] "
+                "(a bare name is read as a string)"
+            )
+        if len(set(compare)) != len(compare):
+            raise ConfigError(f"compare_with={compare} names a method twice")
+    for key in ("name", "sweep_name"):
+        if key in resolved:
+            _path_component(resolved[key], key)
+
+
+def override_keys(overrides: list[str] | None) -> dict[str, str]:
+    """{key: value} of command-line overrides (`+`/`++` prefixes dropped)."""
+    out = {}
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def check_overrides(run: Any, overrides: list[str] | None) -> None:
+    """What a method cannot mean when asked for on the command line: fp16 quantizes nothing, so a
+    bit-width or group size given with it would only mislabel the run."""
+    given = override_keys(overrides)
+    if run.method_name != "fp16":
+        return
+    for key, neutral in (("bits", "16"), ("group_size", "-1")):
+        if key in given and given[key] != neutral:
+            raise ConfigError(
+                f"method=fp16 quantizes nothing, so {key}={given[key]} has no meaning and would only mislabel "
+                f"the run: drop {key}= (in a sweep, run fp16 as its own job: -m method=fp16,rtn needs "
+                "+skip_invalid=true, or sweep bits without fp16)"
+            )
+
+
+def _device(spec: Any) -> None:
+    import torch
+
+    text = str(spec.device)
+    if text == "auto":
+        return
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"model.device={text!r} is not valid; choose one of: auto, cpu, cuda, cuda:N, mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(
+                f"model.device={text!r}, but {why} (torch {torch.__version__}); use model.device=cpu or auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"model.device={text!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"model.device={text!r}, but MPS is not available here; use model.device=cpu or auto")
+
+
+def _random_model(spec: Any) -> None:
+    """A random model's config must build a model the adapters know, with consistent shapes."""
+    from transformers import AutoConfig
+
+    from experiments.models.adapters import UnsupportedArchitecture, architecture_for
+
+    shape = dict(spec.random_config or {})
+    model_type = shape.get("model_type")
+    try:
+        architecture_for(str(model_type))
+    except UnsupportedArchitecture as error:
+        raise ConfigError(f"model.random_config.model_type: {error}") from None
+    for key, value in shape.items():
+        if (key.endswith("_size") or key.startswith("num_") or key in ("ffn_dim", "max_position_embeddings",
+                                                                         "word_embed_proj_dim")):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"model.random_config.{key}={value!r} must be a positive integer")
+    hidden, heads = shape.get("hidden_size"), shape.get("num_attention_heads")
+    if hidden and heads and hidden % heads:
+        raise ConfigError(
+            f"model.random_config: hidden_size={hidden} is not a multiple of num_attention_heads={heads}"
+        )
+    kv_heads = shape.get("num_key_value_heads")
+    if heads and kv_heads and heads % kv_heads:
+        raise ConfigError(
+            f"model.random_config: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+        )
+    try:
+        AutoConfig.for_model(**shape)
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConfigError(f"model.random_config does not make a {model_type} config: {error}") from None
+
+
+def max_positions(spec: Any) -> int | None:
+    """The positions a model was built for, where known before loading (random models)."""
+    if spec.source == "random":
+        value = (spec.random_config or {}).get("max_position_embeddings")
+        return int(value) if value else None
+    return None
+
+
+def needs_calibration(run: Any) -> bool:
+    from methods import get_method_class
+
+    names = [run.method_name, *(name for name, _ in run.comparisons)]
+    return any(get_method_class(name).needs_calibration for name in names)
+
+
+def check_run(run: Any, overrides: list[str] | None = None) -> None:
+    """Everything schema.validate leaves to a RunConfig, still before anything loads."""
+    check_overrides(run, overrides)
+    _device(run.model)
+    if run.model.source == "random":
+        _random_model(run.model)
+    ppl = run.eval.ppl
+    if not ppl.datasets and not run.eval.tasks:
+        raise ConfigError(
+            "eval.ppl.datasets=[] and no eval.tasks: the run would measure nothing; name a dataset "
+            "(eval.ppl.datasets=[wikitext2]) or a task (eval.tasks=[piqa])"
+        )
+    if len(set(ppl.datasets)) != len(ppl.datasets):
+        raise ConfigError(f"eval.ppl.datasets={ppl.datasets} names a dataset twice")
+    if ppl.datasets and ppl.seqlen < 2:
+        raise ConfigError(
+            f"eval.ppl.seqlen={ppl.seqlen}: a window of one token predicts no token (perplexity undefined); "
+            "use at least 2 (the papers use 2048)"
+        )
+    limit = max_positions(run.model)
+    if limit is not None:
+        if ppl.datasets and ppl.seqlen > limit:
+            raise ConfigError(
+                f"eval.ppl.seqlen={ppl.seqlen} exceeds the {limit} positions model {run.model.name!r} is built for "
+                "(max_position_embeddings): lower eval.ppl.seqlen"
+            )
+        if needs_calibration(run) and run.calib.seqlen > limit:
+            raise ConfigError(
+                f"calib.seqlen={run.calib.seqlen} exceeds the {limit} positions model {run.model.name!r} is built "
+                "for (max_position_embeddings): lower calib.seqlen"
+            )
