@@ -137,6 +137,11 @@ CASES = [
     case("kl-dataset", "eval.kl.datasets=[c4]", "eval.kl.datasets"),
     case("kl-max-windows", "eval.kl.max_windows=0", "eval.kl.max_windows"),
     case("kl-enabled-not-bool", "eval.kl.enabled=maybe", "eval.kl.enabled"),
+    case("eval-backend", "eval.backend=int4", "eval.backend"),
+    case("eval-kernel", "eval.kernel=marlin", "eval.kernel"),
+    case("save-model-not-bool", "save_model=maybe", "save_model"),
+    case("quantized-no-path", "model=quantized", "model.path"),
+    case("quantized-not-a-folder", "model=quantized model.path=/nonexistent/dir", "model.path"),
     # logger and paths
     case("logger-mode-none", "logger.mode=foo", "logger.mode"),
     case("logger-mode-wandb", "logger=wandb logger.mode=foo", "logger.mode"),
