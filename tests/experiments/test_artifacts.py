@@ -48,11 +48,14 @@ def test_eval_only_change_reloads_the_saved_model(tmp_path, cache, data_dir):
     assert first["quantized_model"]["source"] == "quantized"
     assert first["quantized_model"]["artifact_bytes"] == (saved / WEIGHTS_FILE).stat().st_size
 
-    # Only evaluation changes (more windows, the packed backend): the weights come from the cache.
+    # Only evaluation changes (a zero-shot task, more windows, the packed backend): the weights
+    # come from the cache.
     second = run_from_config(
-        compose_config(*gptq, "eval.ppl.max_windows=7", "eval.backend=packed", "eval.kernel=reference"),
+        compose_config(*gptq, "eval.tasks=[piqa]", "eval.limit=3", "eval.ppl.max_windows=7", "eval.backend=packed",
+                       "eval.kernel=reference"),
         tmp_path / "b", progress=False,
     )
+    assert second["metrics"]["tasks"]["piqa"]["n"] == 3
     assert quantized_events(cache) == ["compute", "hit"]
     assert "quantize_s" not in second["timings"] and second["quantized_model"]["source"] == "cache"
     assert second["quantized_model"]["quantize_timings"]["quantize_s"] == first["timings"]["quantize_s"]
