@@ -132,6 +132,8 @@ def _uniform_blockers(fmt: Any, bits: int) -> list[str]:
         reasons.append(f"mixed per-group widths ({'/'.join(map(str, widths))} bits, group_bits)")
     elif widths[0] != bits or fmt.bits != bits:
         reasons.append(f"needs {bits}-bit codes, this weight has {widths[0]}-bit codes")
+    if getattr(fmt, "binary_one_bit", False) and 1 in widths:
+        reasons.append("sign-binarized 1-bit groups (SliM-LLM: zero + scale * (2 * code - 1))")
     if _n_outliers(fmt):
         reasons.append(f"{_n_outliers(fmt)} fp16 outlier columns (OWQ; their groups skip those columns)")
     elif not _groups_contiguous(fmt):

@@ -11,12 +11,20 @@ Widths. `bits` is the nominal width (what records report). With `group_bits` [n_
 group g has its own width w_g (codes of group g in [0, 2^w_g - 1]); without it every group has
 `bits`.
 
+Sign-binarized 1-bit groups (`binary_one_bit`, SliM-LLM, reference/methods.md §6.3): with
+`group_bits` and int zeros, a group of width 1 holds q = sign(w - z) * delta + z per row, which the
+affine rule scale * (code - zero) cannot give bit for bit. Such a group stores delta in `scales`
+and the row mean z in `zeros` (a float, fp16 in storage) and dequantizes as
+W[r, c] = zero[r, g] + scale[r, g] * (2 * code[r, c] - 1), codes in {0, 1}; z + (+-delta) is
+exactly the reference's (+-delta) + z. Every other group keeps the affine rule and its int zero.
+
 Storage convention (what `storage_bits` counts):
 - codes: w_g bits per quantized weight of group g (outlier columns carry no codes);
 - scales: `scale_bits` (16: fp16) per (row, group);
 - zeros: w_g bits per (row, group) for integer zero-points (packed, as AutoGPTQ / AutoAWQ GEMM
   do), 16 for floating zero-points (tinygemm, GGUF Q4_1), nothing for symmetric grids (implicit
-  zero 2^(w_g - 1), the zero every symmetric grid in methods/quantizer.py uses);
+  zero 2^(w_g - 1), the zero every symmetric grid in methods/quantizer.py uses); 16 (fp16) for
+  the float mean of a sign-binarized 1-bit group;
 - group widths: with `group_bits`, 8 bits per group (the uint8 width table; a layer-constant
   cost, 8 / (out * group_size) bits per weight). Without it, nothing (`bits` is in the meta);
 - g_idx: 32 bits per input column, only when the groups are not contiguous runs of `group_size`
@@ -34,7 +42,8 @@ Packed layout (`pack()`; bitstreams are kernels/packing.py's LSB-first rows of i
   codes of the quantized columns whose group has width w, in column order;
 - "zeros": int zero-points as a bitstream per row ([out, ceil(n_groups * bits / 32)]; with
   `group_bits` "zeros.{w}bit", the groups of width w in group order); float zero-points as fp16
-  [out, n_groups]; nothing for symmetric grids;
+  [out, n_groups]; nothing for symmetric grids; sign-binarized 1-bit groups: "zeros.1bit" fp16
+  [out, n_1bit_groups] instead of a bitstream;
 - "scales" [out, n_groups] fp16 (fp32 when scale_bits == 32);
 - "g_idx" [in] int32, only when the groups are not contiguous;
 - "outlier_idx" [k] int32 and "outlier_values" [out, k] fp16;
@@ -99,6 +108,7 @@ class UniformWeight(WeightFormat):
     outlier_values: torch.Tensor | None = None
     info: dict = field(default_factory=dict)  # free-form, JSON-serializable; travels in meta()
     group_bits: torch.Tensor | None = None  # [n_groups] int: each group's own width (SliM-LLM)
+    binary_one_bit: bool = False  # 1-bit groups are sign-binarized around a float zero (module docstring)
 
     def __post_init__(self) -> None:
         out_features, in_features = self.codes.shape
@@ -126,6 +136,8 @@ class UniformWeight(WeightFormat):
                 raise ValueError(f"group_bits has shape {tuple(self.group_bits.shape)}, expected ({n_groups},)")
             if n_groups and not 1 <= int(self.group_bits.min()) <= int(self.group_bits.max()) <= 16:
                 raise ValueError("group widths must be in 1..16")
+        if self.binary_one_bit and (self.group_bits is None or self.zero_format != "int"):
+            raise ValueError("binary_one_bit needs group_bits and int zeros (the other groups' zero-points)")
 
     # ---- layout -------------------------------------------------------------------------------
 
@@ -193,6 +205,12 @@ class UniformWeight(WeightFormat):
         widths = None if self.group_bits is None else self.group_widths()
         return self._width_classes(self.g_idx, self._quantized_mask(), widths, self.bits, self.n_groups)
 
+    def binary_groups(self) -> torch.Tensor:
+        """[n_groups] bool: the sign-binarized groups (width 1 with binary_one_bit)."""
+        if not self.binary_one_bit:
+            return torch.zeros(self.n_groups, dtype=torch.bool, device=self.g_idx.device)
+        return self.group_widths() == 1
+
     def _implicit_zeros(self, widths: torch.Tensor) -> torch.Tensor:
         return implicit_zeros(widths, self.shape[0]).to(self.scales.device)
 
@@ -204,6 +222,11 @@ class UniformWeight(WeightFormat):
         scales = self.scales.float()[:, idx]
         zeros = self.zeros.float()[:, idx]
         weight = scales * (self.codes.float() - zeros)
+        binary = self.binary_groups()
+        if bool(binary.any()):
+            columns = binary.to(idx.device)[idx]
+            signs = 2 * self.codes[:, columns].float() - 1
+            weight[:, columns] = zeros[:, columns] + scales[:, columns] * signs
         if self.outlier_idx is not None and self.outlier_values is not None:
             weight[:, self.outlier_idx.long()] = self.outlier_values.float()
         return weight.to(dtype)
@@ -222,7 +245,9 @@ class UniformWeight(WeightFormat):
             column_widths = widths[self.g_idx.long()][self._quantized_mask()]
             total = out_features * int(column_widths.sum())
             total += out_features * n_groups * self.scale_bits
-            total += out_features * {"int": int(widths.sum()), "float": 16 * n_groups, "none": 0}[self.zero_format]
+            binary = self.binary_groups()
+            int_zero_bits = int(widths[~binary].sum()) + 16 * int(binary.sum())  # fp16 means of binary groups
+            total += out_features * {"int": int_zero_bits, "float": 16 * n_groups, "none": 0}[self.zero_format]
             total += 8 * n_groups
         if not self.groups_contiguous:
             total += 32 * in_features
@@ -236,7 +261,7 @@ class UniformWeight(WeightFormat):
         for cls in self._classes():
             n_cols, n_zeros = cls.columns.numel(), cls.groups.numel()
             total += out_features * (packed_words(n_cols, cls.width) * 32 - n_cols * cls.width)
-            if self.zero_format == "int":
+            if self.zero_format == "int" and not self._binary_class(cls.width):
                 total += out_features * (packed_words(n_zeros, cls.width) * 32 - n_zeros * cls.width)
         return total
 
@@ -250,7 +275,10 @@ class UniformWeight(WeightFormat):
         if not bool(torch.isfinite(stored).all()):
             raise ValueError(f"scales are not finite in {stored.dtype}")
         if self.zero_format == "int":
-            zeros = self.zeros.float()
+            binary = self.binary_groups().to(self.zeros.device)
+            if not bool(torch.isfinite(self.zeros[:, binary].to(torch.float16)).all()):
+                raise ValueError("the float zeros of sign-binarized 1-bit groups are not finite in fp16")
+            zeros = torch.where(binary, 0.0, self.zeros.float())  # the binary groups' means: any float
             if not bool((zeros == zeros.round()).all()):
                 raise ValueError("integer zero-points must be integer-valued")
             if self.n_groups:
@@ -290,6 +318,8 @@ class UniformWeight(WeightFormat):
             zeros = self._implicit_zeros(widths)
         else:
             zeros = self.zeros.float().clone()
+            binary = self.binary_groups().to(zeros.device)
+            zeros[:, binary] = zeros[:, binary].to(torch.float16).float()
         codes = self.codes.to(self._code_dtype(int(widths.max()) if widths.numel() else self.bits)).clone()
         self._fill_outlier_codes(codes, zeros, g_idx)
         return UniformWeight(
@@ -305,7 +335,11 @@ class UniformWeight(WeightFormat):
             outlier_values=None if self.outlier_values is None else self.outlier_values.to(torch.float16).clone(),
             info=dict(self.info),
             group_bits=None if self.group_bits is None else self.group_bits.to(torch.int32).clone(),
+            binary_one_bit=self.binary_one_bit,
         )
+
+    def _binary_class(self, width: int) -> bool:
+        return self.binary_one_bit and width == 1
 
     def _class_name(self, kind: str, width: int) -> str:
         return kind if self.group_bits is None else f"{kind}.{width}bit"
@@ -316,7 +350,9 @@ class UniformWeight(WeightFormat):
         tensors: dict[str, torch.Tensor] = {}
         for cls in self._classes():
             tensors[self._class_name("codes", cls.width)] = pack_codes(self.codes[:, cls.columns.to(self.codes.device)], cls.width)
-            if self.zero_format == "int":
+            if self._binary_class(cls.width):
+                tensors[self._class_name("zeros", cls.width)] = fresh(self.zeros[:, cls.groups.to(self.zeros.device)], torch.float16)
+            elif self.zero_format == "int":
                 zeros = self.zeros[:, cls.groups.to(self.zeros.device)].round().to(torch.int64)
                 tensors[self._class_name("zeros", cls.width)] = pack_codes(zeros, cls.width)
         if self.zero_format == "float":
@@ -344,6 +380,7 @@ class UniformWeight(WeightFormat):
             "g_idx_layout": self.g_idx_layout,
             "n_outliers": self.n_outliers,
             "mixed_widths": self.group_bits is not None,
+            "binary_one_bit": self.binary_one_bit,
             "info": dict(self.info),
         }
 
@@ -389,7 +426,9 @@ class UniformWeight(WeightFormat):
             suffix = "" if group_bits is None else f".{width_class.width}bit"
             width, columns, groups = width_class.width, width_class.columns, width_class.groups
             codes[:, columns] = unpack_codes(tensors["codes" + suffix], width, columns.numel()).to(codes.dtype)
-            if zero_format == "int":
+            if width == 1 and meta.get("binary_one_bit", False):
+                zeros[:, groups] = tensors["zeros" + suffix].float()
+            elif zero_format == "int":
                 zeros[:, groups] = unpack_codes(tensors["zeros" + suffix], width, groups.numel()).float()
         weight = cls(
             codes=codes,
@@ -404,6 +443,7 @@ class UniformWeight(WeightFormat):
             outlier_values=outlier_values,
             info=dict(meta.get("info", {})),
             group_bits=group_bits,
+            binary_one_bit=meta.get("binary_one_bit", False),
         )
         weight._fill_outlier_codes(weight.codes, weight.zeros, weight.g_idx)
         return weight
