@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from experiments import fidelity
+from experiments import allocation, fidelity
 from experiments.artifacts import QuantizedStore, consistency_gate
 from experiments.cache import Cache
 from experiments.evaluate import paired_delta, perplexity, place_for_eval, release_from_eval
@@ -219,6 +219,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         random.seed(run.seed)
         torch.manual_seed(run.seed)
         method = get_method_class(run.method_name)(run.method)
+        allocation.attach(method)  # method.allocation (SliM-LLM): read before the model loads
         tasks = fidelity.plan(run)  # unknown tasks or missing task data fail before the model loads
         base_spec, tokenizer_spec = run.model, run.tokenizer_model
         if run.model.source == "quantized":  # evaluate a saved quantized model: its base model and method
@@ -254,6 +255,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
 
         result = _quantize_and_evaluate(loaded, method, run, sets, baseline, calibration, progress, extras, run_dir)
         timings.update(result.pop("timings"))
+        allocation.save(method, result["layers"])  # method.save_allocation (SliM-LLM)
         if (items := result.pop("_items")) is not None:
             fidelity.write_items(run_dir, f"{run.method_name} W{run.bits} g{run.group_size}", items)
         record.data.update(result)
@@ -267,6 +269,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
             loaded = model = None  # one model in memory at a time: reload a fresh full-precision copy
             loaded = load_model(base_spec, tokenizer_spec, cache_dir=run.paths.cache_path)
             other = get_method_class(name)(config_)
+            allocation.attach(other)
             result = _quantize_and_evaluate(loaded, other, run, sets, baseline, calibration, progress, extras, run_dir)
             if (items := result.pop("_items")) is not None:
                 fidelity.write_items(run_dir, f"{name} W{config_.bits} g{config_.group_size}", items)
