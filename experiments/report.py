@@ -6,6 +6,7 @@
     quantlab-report runs/ --filter method=gptq,rtn --filter tags=smollm2 --format csv
     quantlab-report runs/ --plot pareto pareto.png            # bits per weight against perplexity
     quantlab-report runs/1_gptq-w3/ --plot layers layers.png  # one run's per-layer weight error
+    quantlab-report runs/1_slim/ --plot bitmap bits.png --layer layers.3.mlp  # per-group widths (SliM-LLM)
     quantlab-report runs/ --flat --format csv                 # every method entry, every field
 
 Failed and unfinished runs are left out unless --include-failed; repeated configurations keep
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from experiments.reporting.metrics import parse_metric
-from experiments.reporting.plots import layers_plot, pareto_plot
+from experiments.reporting.plots import bitmap_plot, layers_plot, pareto_plot
 from experiments.reporting.records import FP16, ReportError, load_layers, load_runs, warn
 from experiments.reporting.selection import select
 from experiments.reporting.tables import DEFAULT_COLUMNS, DEFAULT_ROWS, pivot, render_flat
@@ -49,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--include-failed", action="store_true", help="show failed and unfinished runs too")
     parser.add_argument("--digits", type=int, default=2, help="decimals of the metric (default: 2)")
     parser.add_argument("--flat", action="store_true", help="print every selected method entry, one row each")
-    parser.add_argument("--plot", nargs=2, metavar=("pareto|layers", "OUT.png"),
+    parser.add_argument("--plot", nargs=2, metavar=("pareto|layers|bitmap", "OUT.png"),
                         help="write a plot instead of printing a table")
+    parser.add_argument("--layer", help="--plot bitmap: only the linears whose name contains this")
     return parser
 
 
@@ -73,8 +75,10 @@ def report(args: argparse.Namespace) -> int:
             pareto_plot(selected, parse_metric(args.metric, selected), out)
         elif kind == "layers":
             layers_plot(load_layers(selected[selected["method"].ne(FP16)]), out)
+        elif kind == "bitmap":
+            bitmap_plot(load_layers(selected[selected["method"].ne(FP16)]), out, args.layer)
         else:
-            raise ReportError(f"--plot {kind!r}: expected pareto or layers")
+            raise ReportError(f"--plot {kind!r}: expected pareto, layers or bitmap")
         print(f"wrote {kind} plot: {out}")
         return 0
     table = pivot(selected, parse_metric(args.metric, selected), args.rows, args.columns, args.digits)

@@ -10,12 +10,12 @@
 """
 
 from experiments.reporting.metrics import Metric, parse_metric
-from experiments.reporting.plots import layers_plot, pareto_plot
+from experiments.reporting.plots import bitmap_plot, layers_plot, pareto_plot
 from experiments.reporting.records import ReportError, load_layers, load_runs
 from experiments.reporting.selection import select
 from experiments.reporting.tables import PivotTable, pivot
 
 __all__ = [
-    "Metric", "PivotTable", "ReportError", "layers_plot", "load_layers", "load_runs", "parse_metric", "pareto_plot",
+    "Metric", "PivotTable", "ReportError", "bitmap_plot", "layers_plot", "load_layers", "load_runs", "parse_metric", "pareto_plot",
     "pivot", "select",
 ]

@@ -1,6 +1,7 @@
-"""Figures: the bits-per-weight / perplexity Pareto plot of a sweep, and one run's per-layer error.
+"""Figures: the bits-per-weight / perplexity Pareto plot of a sweep, one run's per-layer error, and
+one run's bit map (each group's width in each linear, for per-group mixed precision: SliM-LLM).
 
-Both draw on a bare `Figure` with the Agg canvas (no pyplot, so no display and no global state:
+All draw on a bare `Figure` with the Agg canvas (no pyplot, so no display and no global state:
 safe on a headless node and inside a notebook alike) and return it, so that callers and tests can
 read its axes; given `out`, they also write a PNG there.
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -143,6 +146,46 @@ def layers_plot(layers: pd.DataFrame, out: Path | str | None = None) -> Figure:
     # Below the panels, in one row: beside them it would collide with the title of a one-panel figure.
     figure.legend(list(legend.values()), list(legend), loc="outside lower center", ncols=min(len(legend), int(width / 1.3)),
                   title="linear layer role", fontsize=8)
+    if out is not None:
+        figure.savefig(out, dpi=150)
+    return figure
+
+
+def bitmap_plot(layers: pd.DataFrame, out: Path | str | None = None, layer: str | None = None) -> Figure:
+    """Each group's bit width (columns: group index along the input columns) for every linear of
+    one method entry that records an allocation (rows, in record order), or only the linears whose
+    name contains `layer`."""
+    if not layers.empty and "allocation" in layers:
+        layers = layers[layers["allocation"].map(lambda a: isinstance(a, list) and len(a) > 0)]
+    else:
+        layers = layers.iloc[0:0]
+    if layer is not None and not layers.empty:
+        layers = layers[layers["layer"].str.contains(layer, regex=False)]
+    if layers.empty:
+        raise ReportError("nothing to plot: no selected layer records a per-group allocation"
+                          + (f" with {layer!r} in its name" if layer else " (a mixed-precision method: slim_llm)"))
+    entries = list(layers.groupby(["run_dir", "entry_index"], sort=False))
+    if len(entries) > 1:
+        raise ReportError(f"the bit map shows one run: {len(entries)} method entries are selected; give one run "
+                          "directory or narrow with --filter")
+    widths = list(layers["allocation"])
+    n_groups = max(len(w) for w in widths)
+    grid = np.full((len(widths), n_groups), np.nan)
+    for row, w in enumerate(widths):
+        grid[row, : len(w)] = w
+    low, high = int(np.nanmin(grid)), int(np.nanmax(grid))
+    figure = _new_figure(min(3 + 0.25 * n_groups, 16), min(2 + 0.3 * len(widths), 20))
+    ax = figure.add_subplot()
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=colormaps["viridis"].resampled(high - low + 1),
+                      vmin=low - 0.5, vmax=high + 0.5)
+    colorbar = figure.colorbar(image, ax=ax, ticks=range(low, high + 1))
+    colorbar.set_label("bits of the group")
+    ax.set_xlabel("group index (input columns / group size)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_yticks(range(len(widths)), list(layers["layer"]), fontsize=7 if len(widths) > 20 else 9)
+    first = layers.iloc[0]
+    ax.set_title(f"{first['model']}: {first['method']} {_point_label(first)}, {first['avg_bits']:.3f} bits/weight",
+                 fontsize=10)
     if out is not None:
         figure.savefig(out, dpi=150)
     return figure

@@ -237,6 +237,7 @@ def layer_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({
             "layer": name, "block": int(block.group(1)) if block else None, "role": name.rsplit(".", 1)[-1],
             "rel_weight_error": layer.get("rel_weight_error"), "bits_per_weight": layer.get("bits_per_weight"),
+            "allocation": (layer.get("info") or {}).get("allocation"),  # per-group widths (SliM-LLM)
         })
     return rows
 

@@ -77,3 +77,32 @@ def test_layers_plot_refuses_a_whole_sweep(sweep, tmp_path):
     everything = load_runs([tmp_path / "runs"])  # 4 runs x 2 methods: more panels than a figure holds
     with pytest.raises(ReportError, match="the layers plot shows one run: 8 method entries"):
         layers_plot(load_layers(everything))
+
+
+def test_bitmap_plot_shows_each_groups_width(tmp_path):
+    from experiments.cache import atomic_write_json
+    from experiments.reporting.plots import bitmap_plot
+    from tests.experiments.test_report_records import make_record
+
+    record = make_record(method="slim_llm", bits=2)
+    for i, layer in enumerate(record["layers"]):
+        layer["info"] = {"allocation": [1, 2, 3, 2] if i % 2 else [2, 2, 2, 2, 1, 3]}
+    atomic_write_json(tmp_path / "runs" / "slim" / "result.json", record)
+    layers = load_layers(load_runs([tmp_path / "runs"]))
+    out = tmp_path / "bits.png"
+    figure = bitmap_plot(layers, out)
+    assert_png(out)
+    image = figure.axes[0].get_images()[0].get_array()
+    assert image.shape == (21, 6) and image[0].tolist() == [2, 2, 2, 2, 1, 3]
+    assert image[1][:4].tolist() == [1, 2, 3, 2] and image.mask[1][4:].all()  # a narrower layer: blank groups
+    one = bitmap_plot(layers, layer="layers.2.mlp.down_proj")
+    assert [t.get_text() for t in one.axes[0].get_yticklabels()] == ["model.layers.2.mlp.down_proj"]
+    with pytest.raises(ReportError, match="no selected layer"):
+        bitmap_plot(layers, layer="lm_head")
+
+
+def test_bitmap_plot_needs_an_allocation(sweep):
+    with pytest.raises(ReportError, match="per-group allocation"):
+        from experiments.reporting.plots import bitmap_plot
+
+        bitmap_plot(load_layers(sweep[sweep["bits"].eq(3) & sweep["method"].eq("gptq")]))
