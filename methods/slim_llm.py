@@ -186,11 +186,15 @@ class KLSearch:
         if not self.ks:
             return
         xs = inputs.detach().float().reshape(-1, inputs.shape[-2], inputs.shape[-1])
-        candidates = [self.candidate(w) for w in self.widths]
-        for x in xs:  # one sequence at a time: the reference averages per-sample errors
-            y = F.linear(x, self.weight, self.bias)  # the layer's true output, bias included
-            log_p_true = torch.log(F.softmax(y, dim=-1).clamp(min=KL_CLAMP))
-            self.errors.append([output_kl(x, W_k, log_p_true) for W_k in candidates])
+        # One sequence at a time (the reference averages per-sample errors); Y is the layer's true
+        # output, bias included. One candidate W_k in memory at a time (LLaMA-7B's down_proj has 42).
+        log_p_true = [torch.log(F.softmax(F.linear(x, self.weight, self.bias), dim=-1).clamp(min=KL_CLAMP)) for x in xs]
+        errors: list[list[float]] = [[] for _ in xs]
+        for widths in self.widths:
+            W_k = self.candidate(widths)
+            for s, x in enumerate(xs):
+                errors[s].append(output_kl(x, W_k, log_p_true[s]))
+        self.errors.extend(errors)
 
     def curve(self) -> list[float]:
         """Mean KL over sequences for each k (index i is k = i + 1)."""
