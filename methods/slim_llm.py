@@ -369,7 +369,8 @@ def slim_quantize(
 @register("slim_llm")
 class SliMLLM(Method):
     """Per linear, the record gets: allocation (each group's width), allocation_counts, k and its
-    source (search / fixed / file), kl_curve (mean KL for k = 1, 2, ...), group_salience,
+    source (search / fixed / file), kl_curve (mean KL for k = 1, 2, ...), hessian_diag_plus (search
+    mode: the absolute +0.01 on diag H that the GPTQ step saw too), group_salience,
     sym_quirk_groups, sqc_groups_without_outliers, the solver's damp / loss / dead_columns, and the
     time split: hessian_seconds, search_seconds, solver_seconds."""
 
@@ -426,7 +427,8 @@ class SliMLLM(Method):
                 elif searching:
                     k = searches[n].best_k()
                     qweight, info = slim_quantize(block.linears[n].weight, hessians[n], cfg, k)
-                    extra = {"k": k, "allocation_source": "search", "kl_curve": searches[n].curve()}
+                    extra = {"k": k, "allocation_source": "search", "kl_curve": searches[n].curve(),
+                             "hessian_diag_plus": SALIENCE_DAMP}  # the in-place quirk the solver saw
                 else:
                     qweight, info = slim_quantize(block.linears[n].weight, hessians[n], cfg, cfg.n_moved)
                     extra = {"k": cfg.n_moved, "allocation_source": "fixed"}

@@ -331,6 +331,7 @@ def test_block_search_average_width_is_exactly_n_in_every_layer(bits):
         widths = record["allocation"]
         assert sum(widths) == bits * len(widths), name
         assert record["k"] >= 1 and len(record["kl_curve"]) == len(widths) // 2 - 1
+        assert record["hessian_diag_plus"] == 0.01 and record["allocation_source"] == "search"
         assert record["allocation_counts"][str(bits - 1)] == record["allocation_counts"][str(bits + 1)] == record["k"]
         qweight = record["qweight"]
         assert qweight.group_bits.tolist() == widths
