@@ -291,6 +291,12 @@ def test_sqc_lambda_weights_the_salient_elements():
     assert torch.equal(scale, ref.scale) and torch.equal(zero, ref.zero)
 
 
+def test_too_many_moved_groups_are_refused():
+    w, H, _ = problem(cols=32)
+    with pytest.raises(ConfigError, match="n_moved"):
+        slim_quantize(w, H, SliMLLMConfig(bits=3, group_size=8, n_moved=3), 3)
+
+
 def test_sqc_without_outliers_does_not_crash():
     w = torch.ones(4, 8)  # every element equally salient: no |z| > 2 (the reference crashes)
     scale, zero, found = sqc_fit(w, torch.ones(8), 2, 1.0, False, True)
