@@ -151,6 +151,22 @@ def to_vectors(block: torch.Tensor, v: int) -> torch.Tensor:
     return F.pad(block.T, (0, n_rows * v - out)).reshape(n * n_rows, v)
 
 
+def layer_bits(out_features: int, in_features: int, cfg: VPTQConfig) -> dict[str, float]:
+    """Bits per weight of one (out, in) linear under `cfg`, from its shape alone (what
+    kernels.CodebookWeight.storage_bits counts; conf/method/vptq.yaml quotes these):
+    `index` (indices only), `paper` (+ codebooks: VPTQ's count, §8), `true` (+ perm, scale, bias)."""
+    v, k, k_res = cfg.codebook()
+    bounds, n_outliers = partition_bounds(in_features, cfg.outlier_percent, cfg.group_num)
+    index = books = 0
+    for p, (s, e) in enumerate(bounds):
+        pv, pk, pr = (cfg.outlier_vector_len, cfg.outlier_centroids, 0) if n_outliers and p == 0 else (v, k, k_res)
+        index += -(-out_features // pv) * (e - s) * (index_bits(pk) + (index_bits(pr) if pr else 0))
+        books += 16 * pv * (pk + pr)
+    extra = in_features * ((32 if cfg.enable_perm else 0) + (32 if cfg.enable_norm else 0))
+    numel = out_features * in_features
+    return {"index": index / numel, "paper": (index + books) / numel, "true": (index + books + extra) / numel}
+
+
 class CodebookColumns(ColumnQuantizer):
     """VPTQ's column quantizer: the permuted column at `position` belongs to one partition; each of
     its v-chunks becomes the nearest centroid of that partition's frozen codebook, plus (with a

@@ -14,6 +14,7 @@ from methods.vptq import (
     VPTQ,
     CodebookColumns,
     VPTQConfig,
+    layer_bits,
     partition_bounds,
     proxy_error,
     reference_hessian,
@@ -170,3 +171,22 @@ def test_block_hook_commits_codebook_weights_from_full_precision_hessians(make_b
         assert isinstance(record["qweight"], CodebookWeight)
         assert record["hessian_from"] == name and record["kmeans_seconds"] >= 0
         assert 0 <= record["kmeans_share"] <= 1 and record["true_bits"] > record["paper_bits"] > record["index_bits"]
+
+
+@pytest.mark.parametrize("cfg", [small(), small(outlier_percent=10, outlier_vector_len=2, outlier_centroids=8,
+                                                group_num=2, residual_centroids=8, enable_norm=False)])
+def test_bits_from_the_shape_alone_match_the_stored_format(correlated, cfg):
+    weight, hessian = problem(correlated=correlated)
+    qweight, info = vptq_quantize(weight, hessian, cfg)
+    bits = layer_bits(24, 40, cfg)
+    assert bits["true"] == pytest.approx(qweight.bits_per_weight())
+    assert (bits["index"], bits["paper"]) == pytest.approx((info["index_bits"], info["paper_bits"]))
+
+
+def test_the_papers_bit_counts():
+    """§8: LLaMA-2-7B v6 k4096 costs ~2.014 bits by VPTQ's count over one block (reported 2.02)."""
+    shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+    cfg = VPTQConfig(bits=2)
+    paper = sum(layer_bits(o, i, cfg)["paper"] * o * i for o, i in shapes) / sum(o * i for o, i in shapes)
+    assert paper == pytest.approx(2.0 + 7 * 16 * 6 * 4096 / sum(o * i for o, i in shapes), abs=2e-3)
+    assert 2.01 < paper < 2.02
