@@ -18,8 +18,10 @@ gate/up share theirs, methods/hessian.py; VPTQ propagates full-precision outputs
    output rows of one column, the output dim zero-padded to a multiple of v.
 6. The VPTQ pass: methods/column_solver.py with `CodebookColumns` (each v-chunk of a column becomes
    its nearest centroid; codebooks frozen), keeping R = (updated w) - q per column.
-7. Residual VQ (`residual_centroids` > 0): weighted k-means on R per group partition, then the pass
-   is restarted from the original W' with a greedy two-stage search, q = C[i1] + C_res[i2].
+7. Residual VQ (`residual_centroids` > 0): weighted k-means on R per group partition (the same
+   per-vector weights; the reference passes cuML the unaveraged [n, v] weight matrix there, which
+   a per-sample weight cannot take literally), then the pass is restarted from the original W'
+   with a greedy two-stage search, q = C[i1] + C_res[i2]. The outlier partition has no residual.
 8. Stored as a kernels.CodebookWeight (perm, fp16 scale / bias in original column order).
 
 Precision (our decision): centroids are rounded to fp16 *before* the passes, since fp16 is what is
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +68,22 @@ from methods.kmeans import INITS, assign, weighted_kmeans
 # community models (2: v6 k4096, 3: v4 k4096, 4: v6 k4096 + 4096 residual).
 BITS_DEFAULTS: dict[int, tuple[int, int, int]] = {2: (6, 4096, 0), 3: (4, 4096, 0), 4: (6, 4096, 4096)}
 HESSIAN_DIAG_REG = 0.01  # vptq:utils/hessian.py regularize_H sigma_reg
+# Below this many distances, one column's nearest-centroid search runs on one CPU thread: OpenMP's
+# fork/join costs more than the GEMM (a 96 x 4096 search took 24 ms on 2 loaded cores, 0.8 ms on one).
+SINGLE_THREAD_DISTANCES = 1 << 21
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device, work: int):
+    if device.type != "cpu" or work > SINGLE_THREAD_DISTANCES:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -196,14 +215,16 @@ class CodebookColumns(ColumnQuantizer):
         book, res_book = self.books[p], self.residual_books[p]
         v = book.shape[1]
         chunks = F.pad(column, (0, self.indices[p].shape[0] * v - self.out_features)).view(-1, v)
-        idx = assign(chunks, book)[0]
-        q = book[idx]
         col = position - self.bounds[p][0]
-        self.indices[p][:, col] = idx.to(torch.int32)
-        if res_book is not None:
-            res_idx = assign(chunks - q, res_book)[0]
-            q = q + res_book[res_idx]
-            self.residual_indices[p][:, col] = res_idx.to(torch.int32)
+        work = chunks.shape[0] * max(book.shape[0], 0 if res_book is None else res_book.shape[0])
+        with _one_cpu_thread(chunks.device, work):
+            idx = assign(chunks, book)[0]
+            q = book[idx]
+            self.indices[p][:, col] = idx.to(torch.int32)
+            if res_book is not None:
+                res_idx = assign(chunks - q, res_book)[0]
+                q = q + res_book[res_idx]
+                self.residual_indices[p][:, col] = res_idx.to(torch.int32)
         q = q.reshape(-1)[: self.out_features]
         self.residual[:, position] = column - q
         return q
