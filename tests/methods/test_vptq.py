@@ -190,3 +190,26 @@ def test_the_papers_bit_counts():
     paper = sum(layer_bits(o, i, cfg)["paper"] * o * i for o, i in shapes) / sum(o * i for o, i in shapes)
     assert paper == pytest.approx(2.0 + 7 * 16 * 6 * 4096 / sum(o * i for o, i in shapes), abs=2e-3)
     assert 2.01 < paper < 2.02
+
+
+def test_the_bits_quoted_in_the_method_config_are_the_counted_ones():
+    """conf/method/vptq.yaml's table: per bits default, (index, paper, true) on SmolLM2-135M and LLaMA-7B."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "conf" / "method" / "vptq.yaml").read_text()
+    blocks = {
+        "smol": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)],
+        "llama": [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)],
+    }
+    rows = re.findall(r"^#   bits=(\d) \(.*?\)\s+((?:[\d.]+\s+){5}[\d.]+)$", text, flags=re.M)
+    assert [int(b) for b, _ in rows] == [2, 3, 4]
+    for bits, numbers in rows:
+        quoted = [float(x) for x in numbers.split()]
+        cfg = VPTQConfig(bits=int(bits))
+        counted = []
+        for shapes in blocks.values():
+            numel = sum(o * i for o, i in shapes)
+            counted += [sum(layer_bits(o, i, cfg)[key] * o * i for o, i in shapes) / numel
+                        for key in ("index", "paper", "true")]
+        assert quoted == pytest.approx(counted, abs=6e-4)
