@@ -213,3 +213,15 @@ def test_the_bits_quoted_in_the_method_config_are_the_counted_ones():
             counted += [sum(layer_bits(o, i, cfg)[key] * o * i for o, i in shapes) / numel
                         for key in ("index", "paper", "true")]
         assert quoted == pytest.approx(counted, abs=6e-4)
+
+
+@pytest.mark.parametrize(("override", "knob"), [("method.residual_centroids=1", "residual_centroids"),
+                                                 ("method.kmeans_init=kmeans", "kmeans_init"),
+                                                 ("bits=5", "bits=5")])
+def test_bad_knobs_fail_before_the_model_loads(override, knob):
+    from experiments.cli import load_group_option
+    from experiments.schema import validate
+    from tests.conftest import compose_config
+
+    with pytest.raises(ConfigError, match=knob):
+        validate(compose_config("method=vptq", override), load_group_option)
