@@ -35,7 +35,7 @@ class _StopForward(Exception):
 class LayerRecord:
     name: str
     shape: tuple[int, int]
-    bits: int
+    bits: int | None  # the format's nominal width; None for formats without one (codebooks)
     storage_bits: int
     bits_per_weight: float
     rel_weight_error: float
@@ -285,7 +285,7 @@ class DecoderBlockView:
         self.formats[f"{self.name}.{name}"] = qweight.to("cpu")
         self.records.append(
             LayerRecord(
-                name=f"{self.name}.{name}", shape=qweight.shape, bits=qweight.bits,
+                name=f"{self.name}.{name}", shape=qweight.shape, bits=getattr(qweight, "bits", None),
                 storage_bits=qweight.storage_bits(), bits_per_weight=qweight.bits_per_weight(),
                 rel_weight_error=rel_error, seconds=seconds, info=dict(info),
                 group_size=getattr(qweight, "group_size", None),  # formats without groups have none
