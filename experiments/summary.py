@@ -70,14 +70,18 @@ def run_rows(record: dict[str, Any]) -> list[dict[str, str]]:
         if entry.get("method") == "fp16":
             continue
         entry_timings = entry.get("timings", timings)
-        quant_s = entry_timings.get("quantize_s", 0)
+        source = (entry.get("quantized_model") or {}).get("source")
+        if source in ("cache", "model.path"):  # not quantized by this run: say where the weights came from
+            quantized = f"{entry_timings.get('load_quantized_s', 0):.1f} reloaded ({source})"
+        else:
+            quantized = f"{entry_timings.get('quantize_s', 0):.1f} quantize"
         rows.append({
             "run": f"{entry.get('method')} W{entry.get('bits')} g{entry.get('group_size')}",
             "bits/weight": f"{entry['avg_bits']:.3f}" if entry.get("avg_bits") else "-",
             **{f"ppl {d}": _ppl_cell(entry["metrics"]["ppl"].get(d)) for d in datasets},
             **fidelity_columns(record, entry),
             "size MB": f"{entry['model_bytes'] / 1e6:.1f}" if entry.get("model_bytes") else "-",
-            "seconds": f"{quant_s:.1f} quantize + {entry_timings.get('eval_s', 0):.1f} eval",
+            "seconds": f"{quantized} + {entry_timings.get('eval_s', 0):.1f} eval",
         })
     return rows
 

@@ -18,6 +18,7 @@ from experiments.models.quantized import (
     load_quantized_model,
 )
 from experiments.schema import validate
+from experiments.summary import run_rows
 from methods.base import ConfigError
 from tests.conftest import compose_config
 from tests.experiments.test_cli import TINY
@@ -61,6 +62,7 @@ def test_eval_only_change_reloads_the_saved_model(tmp_path, cache, data_dir):
     assert second["quantized_model"]["quantize_timings"]["quantize_s"] == first["timings"]["quantize_s"]
     assert second["layers"] == first["layers"] and second["avg_bits"] == first["avg_bits"]
     assert second["calib"] == first["calib"]
+    assert any("reloaded (cache)" in row["seconds"] for row in run_rows(second))
     backend = second["quantized_model"]["eval_backend"]
     assert backend["backend"] == "packed" and backend["kernels"] == {"reference": len(first["layers"])}
     assert 0 < backend["consistency"]["storage_rel_error"] < 2e-3  # fp16 scales, measured
