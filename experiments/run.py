@@ -27,6 +27,7 @@ from experiments.results import RunRecord
 from experiments.run_cache import cached_block_inputs, cached_calibration_set, cached_eval_windows
 from experiments.schema import RunConfig
 from experiments.tracking import make_tracker
+from kernels.linear import model_weight_bytes
 from methods import get_method_class
 from methods.base import Method
 
@@ -165,11 +166,17 @@ def _quantize_and_evaluate(
         apply_formats(model, report.formats, "fake")
         timings = {"load_quantized_s": time.perf_counter() - start}
     quantized_model = store.describe()
+    # Counted on the dense model (QuantLinear holds its weight in buffers, not parameters).
+    sizes = {
+        "model_bytes": model_storage_bytes(model, report if report.layers else None),
+        "fp16_model_bytes": model_storage_bytes(model, None),
+    }
     if run.eval.backend == "packed" and report.formats:
         kernels = apply_formats(model, report.formats, "packed", run.eval.kernel)
         quantized_model["eval_backend"] = {
             "backend": "packed", "kernel": run.eval.kernel, "kernels": dict(Counter(kernels.values())),
             "consistency": consistency_gate(model, report.formats),
+            "weight_bytes": model_weight_bytes(model),  # measured: parameters and buffers in memory
         }
     elif report.formats:
         quantized_model["eval_backend"] = {"backend": "fake"}
@@ -199,8 +206,7 @@ def _quantize_and_evaluate(
         **({"quantized_model": quantized_model} if quantized_model else {}),
         "layers": [r.as_dict() for r in report.layers],
         "avg_bits": report.avg_bits if report.layers else 16.0,
-        "model_bytes": model_storage_bytes(model, report if report.layers else None),
-        "fp16_model_bytes": model_storage_bytes(model, None),
+        **sizes,
         "metrics": {"ppl": metrics, **({"kl": kl} if kl else {}),
                     **({"tasks": zeroshot["tasks"], "delta": zeroshot["delta"]} if zeroshot else {})},
         "timings": timings,

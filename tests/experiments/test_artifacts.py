@@ -61,6 +61,8 @@ def test_eval_only_change_reloads_the_saved_model(tmp_path, cache, data_dir):
     assert "quantize_s" not in second["timings"] and second["quantized_model"]["source"] == "cache"
     assert second["quantized_model"]["quantize_timings"]["quantize_s"] == first["timings"]["quantize_s"]
     assert second["layers"] == first["layers"] and second["avg_bits"] == first["avg_bits"]
+    assert (second["model_bytes"], second["fp16_model_bytes"]) == (first["model_bytes"], first["fp16_model_bytes"])
+    assert 0 < second["quantized_model"]["eval_backend"]["weight_bytes"] < 4 * first["fp16_model_bytes"] / 2
     assert second["calib"] == first["calib"]
     assert any("reloaded (cache)" in row["seconds"] for row in run_rows(second))
     backend = second["quantized_model"]["eval_backend"]
