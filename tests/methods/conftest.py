@@ -145,3 +145,13 @@ def make_block():
         return FakeBlockView(module, inputs, true_sequential_default, batch_size)
 
     return make
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny matrices: extra OpenMP threads only spin on the shared CPU (modules opt in with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

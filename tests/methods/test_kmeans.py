@@ -5,13 +5,7 @@ import torch
 
 from methods.kmeans import assign, initial_centroids, weighted_kmeans
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def blobs(n=600, v=4, seed=0):

@@ -8,14 +8,7 @@ from methods.owq import OWQ, OWQConfig, column_order, owq_quantize, sensitivity,
 from methods.quantizer import Grid
 from tests.conftest import LLAMA7B_LINEARS as LLAMA7B
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matrices: extra OpenMP threads only spin on the shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,14 +18,7 @@ from methods.slim_llm import (
 )
 from tests.methods.conftest import TinyBlock, correlated_inputs
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matrices: extra OpenMP threads only spin on the shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def problem(rows=16, cols=64, n=256, seed=0, dead=()):

@@ -22,13 +22,7 @@ from methods.vptq import (
 )
 from tests.methods.test_column_solver import literal_vptq_pass
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def problem(out_features=24, in_features=40, seed=0, correlated=None):
