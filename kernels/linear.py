@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fastpaths import FAST_PATHS, UnsupportedFormat, choose_fast_path, is_uniform
+from kernels.fastpaths import FAST_PATHS, UnsupportedFormat, choose_fast_path
+from kernels.format import WeightFormat
 
 BACKENDS = ("auto", "reference", *FAST_PATHS)
 _PACKED_PREFIX = "packed_"
@@ -66,51 +67,13 @@ class KernelMismatch(RuntimeError):
     """consistency_check found the chosen path too far from x @ dequantize().T."""
 
 
-def _pack(fmt: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The format's packed tensors and meta (WeightFormat.pack / meta); a format without them is
-    held field by field (dataclass tensor fields; the rest is meta)."""
-    if hasattr(fmt, "pack") and hasattr(fmt, "meta"):
-        return fmt.pack(), fmt.meta()
-    tensors, meta, absent = {}, {}, []
-    for field in dataclasses.fields(fmt):
-        value = getattr(fmt, field.name)
-        if isinstance(value, torch.Tensor):
-            tensors[field.name] = value
-        elif value is None:
-            absent.append(field.name)
-        else:
-            meta[field.name] = value
-    return tensors, {**meta, "_fields": True, "_absent": absent}
-
-
-def _unpack(cls: type, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any:
-    if not meta.get("_fields"):
-        return cls.unpack(tensors, meta)
-    rest = {k: v for k, v in meta.items() if k not in ("_fields", "_absent")}
-    return cls(**tensors, **rest, **dict.fromkeys(meta["_absent"]))
-
-
-def _format_device(fmt: Any) -> torch.device:
+def _format_device(fmt: WeightFormat) -> torch.device:
+    """Where a format's tensors are (its packed tensors' device)."""
     for field in dataclasses.fields(fmt) if dataclasses.is_dataclass(fmt) else ():
         value = getattr(fmt, field.name)
         if isinstance(value, torch.Tensor):
             return value.device
-    return next(iter(_pack(fmt)[0].values())).device
-
-
-def _format_to(fmt: Any, device: torch.device) -> Any:
-    """The same format with its tensors on `device`."""
-    if _format_device(fmt) == device:
-        return fmt
-    if is_uniform(fmt) and dataclasses.is_dataclass(fmt):  # every tensor is a field: move them
-        moved = {
-            f.name: getattr(fmt, f.name).to(device)
-            for f in dataclasses.fields(fmt)
-            if isinstance(getattr(fmt, f.name), torch.Tensor)
-        }
-        return dataclasses.replace(fmt, **moved)
-    tensors, meta = _pack(fmt)
-    return _unpack(type(fmt), {k: v.to(device) for k, v in tensors.items()}, meta)
+    return next(iter(fmt.pack().values())).device
 
 
 def _implicit_zeros(bits: int, out_features: int, n_groups: int, device: torch.device) -> torch.Tensor:
@@ -143,7 +106,7 @@ class QuantLinear(nn.Module):
         self.kernel_reasons: dict[str, list[str]] = {}
         stored = fmt.rounded_to_storage() if hasattr(fmt, "rounded_to_storage") else fmt
         target = torch.device(device) if device is not None else _format_device(stored)
-        self._install(_format_to(stored, target), backend)
+        self._install(stored.to(target), backend)
 
     @classmethod
     def from_format(
@@ -183,7 +146,7 @@ class QuantLinear(nn.Module):
         self.bits = getattr(fmt, "bits", None)
         self.group_size = getattr(fmt, "group_size", None)
         if kernel == "reference":
-            tensors, self._format_meta = _pack(fmt)
+            tensors, self._format_meta = fmt.pack(), fmt.meta()
             self._packed_keys = {_PACKED_PREFIX + key.replace(".", "__"): key for key in tensors}
             buffers = {name: tensors[key] for name, key in self._packed_keys.items()}
         else:
@@ -213,10 +176,8 @@ class QuantLinear(nn.Module):
     def to_format(self) -> Any:
         """The format this module runs, as stored (exactly: fast layouts give their codes back)."""
         if self.kernel == "reference":
-            return _unpack(
-                self._format_cls,
-                {key: getattr(self, name) for name, key in self._packed_keys.items()},
-                self._format_meta,
+            return self._format_cls.unpack(
+                {key: getattr(self, name) for name, key in self._packed_keys.items()}, self._format_meta
             )
         from kernels.groups import contiguous_g_idx
 
@@ -298,7 +259,7 @@ class QuantLinear(nn.Module):
         if relayout:
             self._clear_weight()
             equivalent = "int4_cuda" if target.type == "cuda" else "int4_cpu"
-            moved = _format_to(fmt, target)
+            moved = fmt.to(target)
             self._install(
                 moved, equivalent if not FAST_PATHS[equivalent].blockers(moved, target) else "reference"
             )
