@@ -10,8 +10,8 @@ files): a `torch.save`d dict {block index (int): {linear name inside the block (
 - `method.save_allocation=PATH`: `save(method, layers)` writes the widths the run used, taken from
   the per-layer records (so a run whose quantization came from the cache still writes it).
 
-The quantization cache is keyed on the config, which holds the path, not the file's contents:
-replacing an allocation file in place needs a new path (or clearing the cache).
+The quantization cache's key holds the file's sha256 (experiments/artifacts.py), so replacing an
+allocation file in place makes a new entry.
 """
 
 from __future__ import annotations

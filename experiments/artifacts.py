@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.cache import Cache, _canonical, build_dir_once, key_hash, log_event
+from experiments.cache import Cache, _canonical, build_dir_once, file_sha256, key_hash, log_event
 from experiments.models.loading import LoadedModel
 from experiments.models.quantized import (
     WEIGHTS_FILE,
@@ -68,6 +68,9 @@ class QuantizedStore:
             "torch": str(torch.__version__),
             "code": QUANTIZE_CODE_VERSION,
         }
+        allocation = getattr(self.method.config, "allocation", None)  # SliM-LLM: a file of per-group widths
+        if allocation:
+            key["allocation_sha256"] = file_sha256(Path(allocation).expanduser())  # its content, not its path
         if self.method.needs_calibration:
             try:
                 key["calib"] = calibration_key(self.run.calib.spec(), self.loaded.tokenizer)

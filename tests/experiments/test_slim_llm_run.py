@@ -75,3 +75,22 @@ def test_packed_slim_weights_round_trip():
     qweight, _ = slim_quantize(w, H, SliMLLMConfig(bits=2, group_size=8), 2)
     back = format_from_packed(qweight.pack(), qweight.meta())
     assert torch.equal(back.dequantize(), qweight.rounded_to_storage().dequantize())
+
+
+def test_the_quantization_cache_keys_the_allocation_by_content(tmp_path, tiny_llama, data_dir):
+    """Rewriting an allocation file in place must not reuse weights quantized with the old one."""
+    from types import SimpleNamespace
+
+    from experiments.artifacts import QuantizedStore
+    from experiments.cli import load_group_option
+    from experiments.schema import validate
+
+    path = tmp_path / "alloc.pt"
+    run = validate(compose_config(*SLIM, f"method.allocation={path}"), load_group_option)
+    method = SliMLLM(run.method)
+    store = QuantizedStore(run, tiny_llama, method, SimpleNamespace(record=None), None)
+    keys = []
+    for table in ({0: {"self_attn.q_proj": [2, 3, 4]}}, {0: {"self_attn.q_proj": [3, 3, 3]}}):
+        write_allocation(path, table)
+        keys.append(store.key())
+    assert keys[0]["allocation_sha256"] != keys[1]["allocation_sha256"]
