@@ -85,7 +85,7 @@ class QuantLinear(nn.Module):
 
     def __init__(
         self,
-        fmt: Any,
+        fmt: WeightFormat,
         bias: torch.Tensor | None = None,
         backend: str = "auto",
         dtype: torch.dtype = torch.float32,
@@ -104,7 +104,7 @@ class QuantLinear(nn.Module):
         self._weight_buffers: list[str] = []
         self.kernel = "reference"
         self.kernel_reasons: dict[str, list[str]] = {}
-        stored = fmt.rounded_to_storage() if hasattr(fmt, "rounded_to_storage") else fmt
+        stored = fmt.rounded_to_storage()
         target = torch.device(device) if device is not None else _format_device(stored)
         self._install(stored.to(target), backend)
 
