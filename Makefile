@@ -40,7 +40,7 @@ test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# `make bench` is the evaluator / GPTQ benchmark; `make bench BENCH=awq_cost` (sweep_cost, zeroshot_cost,
+# `make bench` is the evaluator / GPTQ benchmark; `make bench BENCH=method_cost` (kernels, sweep_cost, zeroshot_cost,
 # zeroshot_parity) runs experiments/benchmarks/<BENCH>.py instead. Each prints its figures.
 BENCH ?=
 bench: setup
