@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.models.adapters import Architecture
+from experiments.statistics import t_quantile_975
 
 LOGIT_SLICE = 512  # positions per lm_head call: bounds the fp32 logits memory
 Observer = Callable[[int, int, torch.Tensor], None]  # (first window of the batch, first position, log-probs)
@@ -41,15 +42,6 @@ class PerplexityResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def t_quantile_975(dof: int) -> float:
-    try:
-        from scipy.stats import t
-
-        return float(t.ppf(0.975, dof))
-    except ImportError:  # scipy comes with lm-eval's dependencies; the normal value is the fallback
-        return 1.959964
 
 
 def summarize(window_nll: list[float], seqlen: int, seconds: float) -> PerplexityResult:
@@ -113,19 +105,6 @@ def perplexity(
     for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
         nll.extend(window_nll(model, arch, batch, observer, first_window=len(nll)).tolist())
     return summarize(nll, windows.shape[1], time.perf_counter() - start)
-
-
-def paired_delta(quantized: list[float], baseline: list[float]) -> dict | None:
-    """Mean NLL difference (quantized - baseline) over the same windows, with a t interval: far
-    tighter than comparing two independent PPL intervals, since window difficulty cancels."""
-    if len(quantized) != len(baseline) or len(quantized) < 2:
-        return None
-    diffs = [q - b for q, b in zip(quantized, baseline)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
-    return {"mean_nll_delta": mean, "ci_low": mean - half, "ci_high": mean + half, "ppl_ratio": math.exp(mean)}
 
 
 def place_for_eval(model: nn.Module, arch: Architecture, device: torch.device) -> None:

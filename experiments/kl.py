@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from experiments.evaluate import t_quantile_975
+from experiments.statistics import t_quantile_975
 
 KL_CODE_VERSION = 2  # bump when the summary or the estimator changes: invalidates cached summaries
 LOWER_BOUND = "topk_tail_lower_bound"

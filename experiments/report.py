@@ -8,6 +8,8 @@
     quantlab-report runs/1_gptq-w3/ --plot layers layers.png  # one run's per-layer weight error
     quantlab-report runs/1_slim/ --plot bitmap bits.png --layer layers.3.mlp  # per-group widths (SliM-LLM)
     quantlab-report runs/ --flat --format csv                 # every method entry, every field
+    quantlab-report runs/ --versus gptq                       # each entry against GPTQ, paired per window
+    quantlab-report runs/ --versus gptq --match model,bits    # ... at the same nominal bits (VPTQ)
 
 Failed and unfinished runs are left out unless --include-failed; repeated configurations keep
 their latest finished run. The same functions serve notebooks: see experiments/reporting.
@@ -24,6 +26,7 @@ from experiments.reporting.plots import bitmap_plot, layers_plot, pareto_plot
 from experiments.reporting.records import FP16, ReportError, load_layers, load_runs, warn
 from experiments.reporting.selection import select
 from experiments.reporting.tables import DEFAULT_COLUMNS, DEFAULT_ROWS, pivot, render_flat
+from experiments.reporting.versus import MATCH_KEYS, format_versus, versus_table
 from experiments.results import RESULT_FILE
 
 
@@ -53,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", nargs=2, metavar=("pareto|layers|bitmap", "OUT.png"),
                         help="write a plot instead of printing a table")
     parser.add_argument("--layer", help="--plot bitmap: only the linears whose name contains this")
+    parser.add_argument("--versus", metavar="METHOD", help="pair every entry with METHOD's entry under the same "
+                        "protocol: the PPL ratio per window with its 95%% interval (dataset from --metric ppl:<ds>)")
+    parser.add_argument("--match", type=_keys, help="--versus: the keys both entries share "
+                        f"(default: {','.join(MATCH_KEYS)})")
     return parser
 
 
@@ -67,6 +74,14 @@ def report(args: argparse.Namespace) -> int:
                           "runs: --include-failed shows them; check --filter)")
     if args.flat:
         text = render_flat(selected.drop(columns=["record_path"]), args.format)
+        print(text, end="" if text.endswith("\n") else "\n")
+        return 0
+    if args.versus:
+        metric = parse_metric(args.metric, selected)
+        if metric.dataset is None or metric.kind != "ppl":
+            raise ReportError(f"--versus compares perplexities: use --metric ppl:<dataset>, not {args.metric!r}")
+        table = versus_table(selected, args.versus, metric.dataset, args.match)
+        text = render_flat(format_versus(table, metric.dataset, args.digits), args.format)
         print(text, end="" if text.endswith("\n") else "\n")
         return 0
     if args.plot:

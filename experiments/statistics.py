@@ -1,4 +1,4 @@
-"""Uncertainty of zero-shot accuracies, and paired comparisons on the same items.
+"""Uncertainty of perplexities and zero-shot accuracies, and paired comparisons on the same windows / items.
 
 Two accuracies measured on the same items are strongly correlated (the hard items are hard for
 both models), so comparing two independent intervals grossly overstates the uncertainty of their
@@ -16,6 +16,28 @@ import numpy as np
 
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
+
+
+def t_quantile_975(dof: int) -> float:
+    try:
+        from scipy.stats import t
+
+        return float(t.ppf(0.975, dof))
+    except ImportError:  # scipy comes with lm-eval's dependencies; the normal value is the fallback
+        return 1.959964
+
+
+def paired_delta(quantized: list[float], baseline: list[float]) -> dict | None:
+    """Mean NLL difference (quantized - baseline) over the same windows, with a t interval: far
+    tighter than comparing two independent PPL intervals, since window difficulty cancels."""
+    if len(quantized) != len(baseline) or len(quantized) < 2:
+        return None
+    diffs = [q - b for q, b in zip(quantized, baseline)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    return {"mean_nll_delta": mean, "ci_low": mean - half, "ci_high": mean + half, "ppl_ratio": math.exp(mean)}
 
 
 def mean_stderr(values: Sequence[float]) -> float | None:

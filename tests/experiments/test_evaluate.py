@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.evaluate import paired_delta, perplexity, summarize
+from experiments.evaluate import perplexity, summarize
+from experiments.statistics import paired_delta
 
 
 def test_perplexity_equals_a_direct_cross_entropy(tiny_llama):
