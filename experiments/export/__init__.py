@@ -1,0 +1,85 @@
+"""Export: a run's saved quantized model written in another project's checkpoint format.
+
+This sub-package owns the conversion of quantlab's saved model (experiments/models/quantized.py:
+packed UniformWeights + every other parameter) into:
+
+- `compressed_tensors.py`: compressed-tensors `pack-quantized` (llm-compressor's output; vLLM,
+  transformers);
+- `gptq.py`: the AutoGPTQ / GPTQModel checkpoint (`qweight`, `qzeros`, `scales`, `g_idx`,
+  `quantize_config.json`, v1's zero-point-minus-one or v2's true zero), and AutoAWQ's GEMM layout;
+- `gguf.py`: GGUF with ggml's legacy block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), written with
+  gguf-py's writer from our codes;
+- `layout.py`: what a run's weights are and the one table of what each format refuses (and why),
+  applied both before a run with `export=` loads its model and to saved weights;
+- `readers.py`: independent readers of the three layouts (oracles for tests and the evidence);
+- `cli.py`: `quantlab-export RUN_DIR --format F OUT`.
+
+Why here and not in kernels/: each layout is only meaningful with its files (tensor names, config
+JSON, GGUF metadata and tokenizer, llama.cpp's q/k row order), which is I/O and model knowledge;
+kernels/ keeps our own format and its runtime. The tensor conversions are still plain functions
+(`layer_tensors`, `gguf_blocks`, ...) that tests call without files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from experiments.export.layout import EXPORT_FORMATS, ExportRefused, predicted_layout, refusal, refuse_all
+from experiments.export.source import SavedModel, find_saved_model, read_saved_model
+
+__all__ = [
+    "EXPORT_FORMATS", "ExportRefused", "SavedModel", "export_model", "find_saved_model", "predicted_layout",
+    "read_saved_model", "refusal",
+]
+
+
+def _writer(fmt: str):
+    if fmt == "compressed-tensors":
+        from experiments.export import compressed_tensors
+
+        return compressed_tensors.write
+    if fmt == "gptq":
+        from experiments.export import gptq
+
+        return gptq.write_gptq
+    if fmt == "awq":
+        from experiments.export import gptq
+
+        return gptq.write_awq
+    if fmt == "gguf":
+        from experiments.export import gguf
+
+        return gguf.write
+    raise ExportRefused(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+
+
+def export_model(source: Path | SavedModel, fmt: str, out: Path, **options: Any) -> dict[str, Any]:
+    """Write the saved quantized model `source` (a run directory or the saved folder) as `fmt`
+    into the folder `out` (replaced whole, written aside first). Raises
+    ExportRefused with the reason before writing anything. Returns a summary for the record."""
+    start = time.perf_counter()
+    writer = _writer(fmt)
+    saved = source if isinstance(source, SavedModel) else read_saved_model(Path(source))
+    refuse_all(fmt, saved.layouts)
+    out = Path(out).expanduser()
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging) if staging.is_dir() else staging.unlink()
+    staging.mkdir(parents=True)
+    try:
+        summary = writer(saved, staging, **options)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    staging.rename(out)  # whole or not at all
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    return {
+        "format": fmt, "path": str(out), "source": str(saved.directory), "method": saved.method,
+        "bytes": sum(p.stat().st_size for p in files), "n_linears": len(saved.formats),
+        "seconds": time.perf_counter() - start, **summary,
+    }
