@@ -108,3 +108,25 @@ def read_awq(folder: Path) -> dict[str, torch.Tensor]:
         group_of = torch.arange(weight.shape[0]) // (weight.shape[0] if group_size == -1 else group_size)
         out[name] = ((weight - zeros[group_of]).float() * scales[group_of]).T.contiguous()
     return out
+
+
+def decode_gguf_blocks(raw, type_name: str) -> dict:
+    """ggml blocks [n, type_size] uint8 (numpy) -> {"d": fp16 [n], "m": fp16 [n] or None, "q": int64
+    [n, 32]}, q as ggml stores it (Q8_0: signed). Read from ggml's block structs (block_q4_0 ...)."""
+    import numpy as np
+
+    raw = np.ascontiguousarray(raw).reshape(-1, raw.shape[-1])
+    d = raw[:, :2].copy().view(np.float16)[:, 0]
+    if type_name == "Q8_0":
+        return {"d": d, "m": None, "q": raw[:, 2:].copy().view(np.int8).astype(np.int64)}
+    offset, m, high = 2, None, None
+    if type_name in ("Q4_1", "Q5_1"):
+        m = raw[:, 2:4].copy().view(np.float16)[:, 0]
+        offset = 4
+    if type_name in ("Q5_0", "Q5_1"):
+        qh = raw[:, offset:offset + 4].copy().view(np.uint32)[:, 0]
+        high = ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int64)
+        offset += 4
+    qs = raw[:, offset:offset + 16].astype(np.int64)
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=1)  # value j in the low nibble of byte j, j + 16 in the high
+    return {"d": d, "m": m, "q": q if high is None else q | (high << 4)}

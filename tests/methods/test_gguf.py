@@ -1,5 +1,5 @@
 """llama.cpp's block quantizers (methods/gguf.py) against gguf-py's numpy port of ggml's reference,
-byte for byte: gguf-py is the oracle, its bytes are decoded here field by field."""
+byte for byte: gguf-py is the oracle, its bytes decoded field by field (experiments/export/readers.py)."""
 
 import numpy as np
 import pytest
@@ -7,31 +7,10 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from methods.base import ConfigError
+from experiments.export.readers import decode_gguf_blocks as decode
 from methods.gguf import BLOCK_TYPES, quantize_blocks, quantize_weight
 
 ORACLE = {key: getattr(GGMLQuantizationType, t.name) for key, t in BLOCK_TYPES.items()}
-
-
-def decode(raw: np.ndarray, name: str) -> dict[str, np.ndarray]:
-    """gguf-py's blocks [n, type_size] -> d (fp16), m (fp16 or None), q [n, 32] as ggml stores them."""
-    d = raw[:, :2].copy().view(np.float16)[:, 0]
-    if name == "Q8_0":
-        return {"d": d, "m": None, "q": raw[:, 2:].copy().view(np.int8).astype(np.int64)}
-    offset = 2
-    m = None
-    if name in ("Q4_1", "Q5_1"):
-        m = raw[:, 2:4].copy().view(np.float16)[:, 0]
-        offset = 4
-    high = None
-    if name in ("Q5_0", "Q5_1"):
-        qh = raw[:, offset:offset + 4].copy().view(np.uint32)[:, 0]
-        high = (qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1
-        offset += 4
-    qs = raw[:, offset:offset + 16].astype(np.int64)
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=1)
-    if high is not None:
-        q = q | (high.astype(np.int64) << 4)
-    return {"d": d, "m": m, "q": q}
 
 
 def weights(seed: int, rows: int = 24, cols: int = 128) -> torch.Tensor:
