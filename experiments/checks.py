@@ -189,7 +189,10 @@ def needs_calibration(run: Any) -> bool:
 
 def check_run(run: Any, overrides: list[str] | None = None) -> None:
     """Everything schema.validate leaves to a RunConfig, still before anything loads."""
+    from experiments.export.plan import check_export
+
     check_overrides(run, overrides)
+    check_export(run)
     _device(run.model)
     if run.model.source == "random":
         _random_model(run.model)

@@ -10,7 +10,8 @@ packed UniformWeights + every other parameter) into:
 - `gguf.py`: GGUF with ggml's legacy block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), written with
   gguf-py's writer from our codes;
 - `layout.py`: what a run's weights are and the one table of what each format refuses (and why),
-  applied both before a run with `export=` loads its model and to saved weights;
+  applied both before a run with `export=` loads its model (`plan.py`) and to saved weights;
+- `source.py` / `grids.py`: reading a saved model; re-expressing a grid at a dividing group size;
 - `readers.py`: independent readers of the three layouts (oracles for tests and the evidence);
 - `cli.py`: `quantlab-export RUN_DIR --format F OUT`.
 
@@ -28,12 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from experiments.export.layout import EXPORT_FORMATS, ExportRefused, predicted_layout, refusal, refuse_all
-from experiments.export.source import SavedModel, find_saved_model, read_saved_model
 
-__all__ = [
-    "EXPORT_FORMATS", "ExportRefused", "SavedModel", "export_model", "find_saved_model", "predicted_layout",
-    "read_saved_model", "refusal",
-]
+__all__ = ["EXPORT_FORMATS", "ExportRefused", "export_model", "predicted_layout", "refusal"]
 
 
 def _writer(fmt: str):
@@ -56,10 +53,12 @@ def _writer(fmt: str):
     raise ExportRefused(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
 
 
-def export_model(source: Path | SavedModel, fmt: str, out: Path, **options: Any) -> dict[str, Any]:
+def export_model(source: Any, fmt: str, out: Path, **options: Any) -> dict[str, Any]:
     """Write the saved quantized model `source` (a run directory or the saved folder) as `fmt`
     into the folder `out` (replaced whole, written aside first). Raises
     ExportRefused with the reason before writing anything. Returns a summary for the record."""
+    from experiments.export.source import SavedModel, read_saved_model
+
     start = time.perf_counter()
     writer = _writer(fmt)
     saved = source if isinstance(source, SavedModel) else read_saved_model(Path(source))

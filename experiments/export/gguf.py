@@ -31,13 +31,13 @@ import numpy as np
 import torch
 
 from experiments.export.grids import regrouped
+from experiments.export.layout import GGUF_ARCHITECTURES as ARCHITECTURES
 from experiments.export.layout import ExportRefused
 from experiments.export.source import SavedModel
 from kernels.uniform import UniformWeight
 
 FILE = "model.gguf"
 BLOCK = 32
-ARCHITECTURES = ("llama",)  # HF model_type -> GGUF arch: the ones whose tensors and metadata are mapped here
 
 
 def block_type(fmt: UniformWeight):

@@ -15,12 +15,14 @@ from typing import Any
 
 from kernels.format import WeightFormat
 from kernels.uniform import UniformWeight
+from methods.base import ConfigError
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq", "awq", "gguf")
+GGUF_ARCHITECTURES = ("llama",)  # HF model_type whose tensors and metadata the GGUF export maps
 OWN_FORMAT = "quantlab's own format (save_model=true writes it; model=quantized model.path=... reloads it)"
 
 
-class ExportRefused(ValueError):
+class ExportRefused(ConfigError):
     """A run's weights cannot be written in the asked format; the message says why and what would."""
 
 
@@ -43,6 +45,18 @@ def layout_of(fmt: WeightFormat) -> Layout:
         "uniform", fmt.bits, fmt.group_size, fmt.zero_format,
         "explicit" if fmt.g_idx_layout == "explicit" else "contiguous",
         outliers=fmt.n_outliers > 0, mixed_widths=fmt.group_bits is not None, binary=fmt.binary_one_bit,
+    )
+
+
+def layout_of_meta(meta: dict[str, Any]) -> Layout:
+    """The layout of a saved linear from its quantization.json entry (no tensor read)."""
+    if meta.get("format_name") != "uniform":
+        return Layout("codebook")
+    return Layout(
+        "uniform", meta["bits"], meta["group_size"], meta["zero_format"],
+        "explicit" if meta["g_idx_layout"] == "explicit" else "contiguous",
+        outliers=meta.get("n_outliers", 0) > 0, mixed_widths=bool(meta.get("mixed_widths")),
+        binary=bool(meta.get("binary_one_bit")),
     )
 
 

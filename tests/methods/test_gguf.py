@@ -6,8 +6,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from methods.base import ConfigError
 from experiments.export.readers import decode_gguf_blocks as decode
+from methods.base import ConfigError
 from methods.gguf import BLOCK_TYPES, quantize_blocks, quantize_weight
 
 ORACLE = {key: getattr(GGMLQuantizationType, t.name) for key, t in BLOCK_TYPES.items()}

@@ -106,7 +106,7 @@ def test_tiny_model_reloads_through_transformers_gguf(case, tiny_llama, tmp_path
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf", dtype=torch.float32)
     fake = fake_quant_copy(tiny_llama, formats)
-    for name, fmt in formats.items():
+    for name in formats:
         theirs, ours = reloaded.get_submodule(name).weight, fake.get_submodule(name).weight
         if case == "q4_0-baseline":  # ggml's own grid: identical
             assert torch.equal(theirs, ours), name
