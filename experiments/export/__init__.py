@@ -23,6 +23,7 @@ kernels/ keeps our own format and its runtime. The tensor conversions are still 
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -30,7 +31,8 @@ from typing import Any
 
 from experiments.export.layout import EXPORT_FORMATS, ExportRefused, predicted_layout, refusal, refuse_all
 
-__all__ = ["EXPORT_FORMATS", "ExportRefused", "export_model", "predicted_layout", "refusal"]
+__all__ = ["EXPORT_FORMATS", "MARKER", "ExportRefused", "export_model", "predicted_layout", "refusal"]
+MARKER = "quantlab-export.json"  # the export's summary, written into every export folder
 
 
 def _writer(fmt: str):
@@ -61,9 +63,10 @@ def export_model(source: Any, fmt: str, out: Path, **options: Any) -> dict[str, 
 
     start = time.perf_counter()
     writer = _writer(fmt)
+    out = Path(out).expanduser()
+    replaceable(out)
     saved = source if isinstance(source, SavedModel) else read_saved_model(Path(source))
     refuse_all(fmt, saved.layouts)
-    out = Path(out).expanduser()
     staging = out.with_name(out.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging) if staging.is_dir() else staging.unlink()
@@ -73,12 +76,24 @@ def export_model(source: Any, fmt: str, out: Path, **options: Any) -> dict[str, 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    staging.rename(out)  # whole or not at all
-    files = sorted(p for p in out.iterdir() if p.is_file())
-    return {
+    files = sorted(p for p in staging.iterdir() if p.is_file())
+    summary = {
         "format": fmt, "path": str(out), "source": str(saved.directory), "method": saved.method,
         "bytes": sum(p.stat().st_size for p in files), "n_linears": len(saved.formats),
         "seconds": time.perf_counter() - start, **summary,
     }
+    (staging / MARKER).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)  # whole or not at all
+    return summary
+
+
+def replaceable(out: Path) -> None:
+    """An export replaces its folder whole: only an earlier export (it holds MARKER) or an empty
+    folder, never a file or a folder of something else."""
+    if out.is_file():
+        raise ExportRefused(f"{out} is a file; the export is a folder: choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ExportRefused(f"{out} is a folder that holds something other than an earlier export; it would be "
+                            "replaced whole: choose a new or empty folder")

@@ -235,8 +235,12 @@ def write(saved: SavedModel, out: Path) -> dict[str, Any]:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    copied_types: dict[str, int] = {}
+    for name in copied:
+        kind = source_tensors[name].tensor_type.name
+        copied_types[kind] = copied_types.get(kind, 0) + 1
     return {"files": [FILE], "gguf_types": types, "tokenizer_from": str(source),
-            "copied_from_source": copied}
+            "copied_from_source": copied_types, "embedding_copied": "token_embd.weight" in copied}
 
 
 def _same_values(original: Any, value: torch.Tensor) -> bool:
@@ -244,5 +248,6 @@ def _same_values(original: Any, value: torch.Tensor) -> bool:
     from gguf import quants
 
     data = quants.dequantize(np.asarray(original.data), original.tensor_type)
-    data = np.asarray(data, dtype=np.float32).reshape(value.shape) if data.size == value.numel() else None
-    return data is not None and torch.equal(torch.from_numpy(data), value.float())
+    if data.size != value.numel():
+        return False
+    return torch.equal(torch.from_numpy(np.array(data, dtype=np.float32).reshape(value.shape)), value.float())

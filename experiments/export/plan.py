@@ -63,8 +63,12 @@ def _check_gguf(run: Any) -> None:
 
 
 def _writable(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"export.path={path} is a file; the export is a folder: choose another path")
+    from experiments.export import replaceable
+
+    try:
+        replaceable(path)
+    except ConfigError as error:
+        raise ConfigError(f"export.path={path}: {error}") from None
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -152,6 +152,7 @@ CASES = [
     case("export-unknown-key", "+export.foo=1", "export.foo"),
     case("export-path-without-format", "export.path=/tmp/x", "export.path"),
     case("export-path-is-a-file", "export=gptq export.path=/etc/hostname", "export.path"),
+    case("export-path-not-an-export", "export=gptq export.path=/etc", "export.path"),
     case("export-fp16", "method=fp16 export=gptq", "export=gptq"),
     case("export-vptq", "method=vptq export=compressed-tensors", "export=compressed-tensors"),
     case("export-owq", "method=owq group_size=-1 export=gguf", "export=gguf"),

@@ -75,3 +75,19 @@ def test_a_saved_model_with_act_order_is_refused_before_it_loads(fmt, tmp_path, 
     with pytest.raises(ConfigError, match=f"export={fmt}"):
         run_from_config(compose_config(*TINY, "model=quantized", f"model.path={saved}", f"export={fmt}"),
                         tmp_path / "again", progress=False)
+
+
+def test_an_export_replaces_only_an_earlier_export(tmp_path, tiny_llama):
+    from experiments.export import MARKER, ExportRefused, export_model
+    from tests.experiments.export.conftest import rtn, save_tiny
+
+    save_tiny(tiny_llama, tmp_path / "saved", rtn(4, 32))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportRefused, match="something other than an earlier export"):
+        export_model(tmp_path / "saved", "gptq", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    first = export_model(tmp_path / "saved", "gptq", tmp_path / "out")
+    assert json.loads((tmp_path / "out" / MARKER).read_text())["bytes"] == first["bytes"]
+    export_model(tmp_path / "saved", "awq", tmp_path / "out")  # an earlier export: replaced whole
+    assert (tmp_path / "out" / "quant_config.json").is_file() and not (tmp_path / "out" / "quantize_config.json").exists()
