@@ -135,7 +135,7 @@ class QuantizedStore:
                 self.run.paths.cache_path,
             )
             self._copy_to_run()
-        elif self.run.save_model and self.run_dir is not None:
+        elif (self.run.save_model or self.run.export.format) and self.run_dir is not None:  # export reads it
             self.directory = self.saved_copy = self._run_copy_path()
             build(self.directory)
 

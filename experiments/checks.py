@@ -94,6 +94,14 @@ def check_overrides(run: Any, overrides: list[str] | None) -> None:
     """What a method cannot mean when asked for on the command line: fp16 quantizes nothing, so a
     bit-width or group size given with it would only mislabel the run."""
     given = override_keys(overrides)
+    block_type = getattr(type(run.method), "block_type", None)
+    if block_type is not None and run.method_name.startswith("gguf_"):  # llama.cpp's types fix both
+        for key, fixed in (("bits", run.method.bits), ("group_size", run.method.group_size)):
+            if key in given and given[key] != str(fixed):
+                raise ConfigError(
+                    f"method={run.method_name} is llama.cpp's {block_type.name}: {fixed} for {key}, whatever "
+                    f"{key}= says, so {key}={given[key]} would only mislabel the run; drop {key}="
+                )
     if run.method_name != "fp16":
         return
     for key, neutral in (("bits", "16"), ("group_size", "-1")):
@@ -181,7 +189,10 @@ def needs_calibration(run: Any) -> bool:
 
 def check_run(run: Any, overrides: list[str] | None = None) -> None:
     """Everything schema.validate leaves to a RunConfig, still before anything loads."""
+    from experiments.export.plan import check_export
+
     check_overrides(run, overrides)
+    check_export(run)
     _device(run.model)
     if run.model.source == "random":
         _random_model(run.model)

@@ -141,10 +141,11 @@ class _Calibration:
 def _quantize_and_evaluate(
     loaded: LoadedModel, method: Method, run: RunConfig, sets: dict[str, Any], baseline: dict[str, dict],
     calibration: _Calibration, progress: bool, extras: fidelity.Baseline | None = None,
-    run_dir: Path | None = None,
+    run_dir: Path | None = None, export: bool = False,
 ) -> dict[str, Any]:
     """Quantize `loaded.model` in place with `method`, then evaluate it on the same windows as the
-    baseline. Returns the record fields of one method."""
+    baseline. Returns the record fields of one method. `export`: write the saved quantized model
+    in `run.export.format` as soon as it is there (before evaluating)."""
     model, arch = loaded.model, loaded.architecture
     release_from_eval(model)
     store = QuantizedStore(run, loaded, method, calibration, run_dir)
@@ -167,6 +168,13 @@ def _quantize_and_evaluate(
         apply_formats(model, report.formats, "fake")
         timings = {"load_quantized_s": time.perf_counter() - start}
     quantized_model = store.describe()
+    exported = None
+    if export and run.export.format and report.formats and store.directory is not None and run_dir is not None:
+        from experiments.export import export_model
+        from experiments.export.plan import export_path
+
+        options = {"checkpoint_format": run.export.checkpoint_format} if run.export.format == "gptq" else {}
+        exported = export_model(store.directory, run.export.format, export_path(run, run_dir), **options)
     # Counted on the dense model (QuantLinear holds its weight in buffers, not parameters).
     sizes = {
         "model_bytes": model_storage_bytes(model, report if report.layers else None),
@@ -205,6 +213,7 @@ def _quantize_and_evaluate(
         timings["tasks_s"] = zeroshot["seconds"]
     return {
         **({"quantized_model": quantized_model} if quantized_model else {}),
+        **({"export": exported} if exported else {}),
         "layers": [r.as_dict() for r in report.layers],
         "avg_bits": report.avg_bits if report.layers else 16.0,
         **sizes,
@@ -260,7 +269,8 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         extras = fidelity.compute_baseline(loaded, run, sets, tasks, record)
         calibration = _Calibration(run, loaded.tokenizer, record)
 
-        result = _quantize_and_evaluate(loaded, method, run, sets, baseline, calibration, progress, extras, run_dir)
+        result = _quantize_and_evaluate(loaded, method, run, sets, baseline, calibration, progress, extras, run_dir,
+                                        export=True)
         timings.update(result.pop("timings"))
         allocation.save(method, result["layers"])  # method.save_allocation (SliM-LLM)
         if (items := result.pop("_items")) is not None:

@@ -85,6 +85,16 @@ class LoggerConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`export=<format>`: the run's quantized model written in another format once saved
+    (experiments/export/; checked before the model loads by experiments/export/plan.py)."""
+
+    format: str | None = None  # null: no export
+    path: str | None = None  # null: <run>/export-<format>
+    checkpoint_format: str = "gptq"  # gptq only: gptq (v1) or gptq_v2
+
+
+@dataclass
 class ExpectedConfig:
     """Published numbers a run reproduces (paper configs), so its record shows the distance."""
 
@@ -126,6 +136,7 @@ class RunConfig:
     comparisons: list[tuple[str, MethodConfig]] = field(default_factory=list)  # compare_with, validated
     expected: ExpectedConfig | None = None
     save_model: bool = False  # a copy of the quantized model in <run>/quantized_model
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def _typed(schema: type, section: Any, group: str) -> Any:
@@ -253,6 +264,12 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
     save_model = resolved.get("save_model", False)
     if not isinstance(save_model, bool):
         raise ConfigError(f"save_model={save_model!r} must be true or false")
+    export = _typed(ExportConfig, resolved.get("export") or {}, "export")
+    if export.format is not None:
+        from experiments.export.layout import EXPORT_FORMATS
+
+        _choice(export.format, EXPORT_FORMATS, "export.format")
+    _choice(export.checkpoint_format, ("gptq", "gptq_v2"), "export.checkpoint_format")
     tokenizer_model = None
     if model.source == "random":
         if not model.tokenizer:
@@ -265,7 +282,7 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
         paths=paths, bits=int(resolved["bits"]), group_size=int(resolved["group_size"]),
         seed=int(resolved["seed"]), name=str(resolved["name"]), tags=list(resolved.get("tags") or []),
         tokenizer_model=tokenizer_model, comparisons=_comparisons(resolved, group_loader), expected=expected,
-        save_model=save_model,
+        save_model=save_model, export=export,
     )
 
 

@@ -27,7 +27,8 @@ def test_every_experiment_composes_and_validates(experiment):
 
 @pytest.mark.parametrize(
     ("group", "choice"),
-    [(g, c) for g in ("model", "method", "calib", "eval", "logger") for c in options(g) if (g, c) != ("model", "quantized")],
+    [(g, c) for g in ("model", "method", "calib", "eval", "logger", "export") for c in options(g)
+     if (g, c) != ("model", "quantized")],
 )
 def test_every_group_option_validates(group, choice):
     run = validate(compose_config(f"{group}={choice}"), load_group_option)
