@@ -184,17 +184,53 @@ def max_positions(spec: Any) -> int | None:
     return None
 
 
-def needs_calibration(run: Any) -> bool:
+def _methods(run: Any) -> list[Any]:
+    """The run's method and its comparisons, as instances (a method may decide per config, e.g.
+    onnx_int8 calibrates only in static mode)."""
     from methods import get_method_class
 
-    names = [run.method_name, *(name for name, _ in run.comparisons)]
-    return any(get_method_class(name).needs_calibration for name in names)
+    entries = [(run.method_name, run.method), *run.comparisons]
+    return [get_method_class(name)(config) for name, config in entries]
+
+
+def needs_calibration(run: Any) -> bool:
+    return any(method.needs_calibration for method in _methods(run))
+
+
+def _runtime_methods(run: Any) -> None:
+    """A method another runtime carries out (onnx_int8: ONNX Runtime) evaluates perplexity in that
+    runtime only: what needs the torch model, or its weight formats, cannot run with it."""
+    runtimes = [method for method in _methods(run) if method.runtime is not None]
+    if not runtimes:
+        return
+    name = runtimes[0].name
+    from experiments.onnx_int8 import missing_packages
+
+    if missing := missing_packages():
+        raise ConfigError(
+            f"method={name} needs {', '.join(missing)} (ONNX Runtime and torch's ONNX exporter): "
+            "pip install -e '.[baselines]'"
+        )
+    refused = [
+        (bool(run.eval.tasks), "eval.tasks", "eval.tasks=[]"),
+        (run.eval.kl.enabled, "eval.kl.enabled", "eval.kl.enabled=false"),
+        (run.eval.backend != "fake", f"eval.backend={run.eval.backend}", "eval.backend=fake"),
+        (run.save_model, "save_model=true", "save_model=false"),
+        (run.model.source == "quantized", "model.source=quantized", "a full-precision model"),
+    ]
+    for bad, what, fix in refused:
+        if bad:
+            raise ConfigError(
+                f"method={name} quantizes and evaluates an ONNX graph in ONNX Runtime (perplexity only), so "
+                f"{what} cannot apply to it (it needs the torch model or its weight formats): use {fix}"
+            )
 
 
 def check_run(run: Any, overrides: list[str] | None = None) -> None:
     """Everything schema.validate leaves to a RunConfig, still before anything loads."""
     check_overrides(run, overrides)
     _device(run.model)
+    _runtime_methods(run)
     if run.model.source == "random":
         _random_model(run.model)
     ppl = run.eval.ppl
