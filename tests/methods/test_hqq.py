@@ -93,3 +93,15 @@ def test_a_width_the_group_does_not_divide_is_refused_with_the_fix():
 def test_bad_configs_name_the_knob(knobs, message):
     with pytest.raises(ConfigError, match=message):
         HQQConfig(**knobs).validate("hqq")
+
+
+@pytest.mark.slow
+def test_a_smollm2_linear_is_the_hqq_library_bit_for_bit(smollm2):
+    hqq_quantize_module = pytest.importorskip("hqq.core.quantize", reason="hqq (the `baselines` extra)")
+    weight = smollm2.model.model.layers[3].self_attn.q_proj.weight.detach()  # [576, 576]
+    q = hqq_quantize(weight, HQQConfig(bits=3))
+    codes, meta = hqq_quantize_module.Quantizer.quantize(
+        weight, nbits=3, group_size=64, axis=1, round_zero=False, optimize=True, bitpack=False,
+        device="cpu", compute_dtype=torch.float32,
+    )
+    assert torch.equal(q.dequantize(), ((codes - meta["zero"]) * meta["scale"]).reshape(weight.shape))

@@ -88,3 +88,12 @@ def test_double_quantized_nf4_costs_4_127_bits_on_a_smollm2_shaped_linear():
 def test_bad_configs_name_the_fix(knobs, message):
     with pytest.raises(ConfigError, match=message):
         LookupConfig(**knobs).validate("nf4")
+
+
+@pytest.mark.slow
+def test_a_smollm2_linear_is_bitsandbytes_nf4_bit_for_bit(smollm2):
+    weight = smollm2.model.model.layers[3].mlp.down_proj.weight.detach()  # [576, 1536]
+    ours = quantize_lookup(weight, "nf4", 64)
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    assert torch.equal(ours.dequantize(), bnb_functional.dequantize_4bit(packed, state))
+    assert ours.bits_per_weight() == 4.5
