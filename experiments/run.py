@@ -146,6 +146,11 @@ def _quantize_and_evaluate(
     """Quantize `loaded.model` in place with `method`, then evaluate it on the same windows as the
     baseline. Returns the record fields of one method. `export`: write the saved quantized model
     in `run.export.format` as soon as it is there (before evaluating)."""
+    if method.runtime == "onnxruntime":  # quantized and evaluated as an ONNX graph (methods/onnx_int8.py)
+        from experiments import onnx_int8
+
+        release_from_eval(loaded.model)
+        return onnx_int8.quantize_and_evaluate(loaded, method, run, sets, baseline, calibration)
     model, arch = loaded.model, loaded.architecture
     release_from_eval(model)
     store = QuantizedStore(run, loaded, method, calibration, run_dir)

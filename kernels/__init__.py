@@ -7,11 +7,14 @@
 - `uniform`: `UniformWeight` (alias `QuantizedWeight`), group-wise uniform grids with per-group
   widths, g_idx and fp16 outlier columns (RTN, GPTQ, AWQ, OWQ, SliM-LLM).
 - `codebook`: `CodebookWeight`, vector-quantized weights (VPTQ).
+- `lookup`: `LookupWeight`, bitsandbytes' 4-bit lookup tables (NF4, FP4) with blockwise absmax
+  scales and optional double quantization.
 """
 
 from kernels.codebook import CodebookPartition, CodebookWeight
 from kernels.format import FORMATS, WeightFormat, format_from_packed
 from kernels.groups import contiguous_g_idx, group_bounds, num_groups, segments
+from kernels.lookup import LookupWeight
 from kernels.packing import pack_codes, packed_words, unpack_codes
 from kernels.uniform import QuantizedWeight, UniformWeight
 
@@ -19,6 +22,7 @@ __all__ = [
     "FORMATS",
     "CodebookPartition",
     "CodebookWeight",
+    "LookupWeight",
     "QuantizedWeight",
     "UniformWeight",
     "WeightFormat",

@@ -20,7 +20,11 @@ driver what the method needs:
 - `needs_calibration`: False for methods that never run the block (RTN, fp16), so no data loads;
 - `quantizes_weights`: False only for the fp16 baseline; otherwise every linear must be committed;
 - `propagation`: "quantized" (next block sees the quantized block's outputs: GPTQ, OWQ, SliM-LLM)
-  or "float" (next block sees full-precision outputs: AWQ, VPTQ; reference/methods.md §1.1).
+  or "float" (next block sees full-precision outputs: AWQ, VPTQ; reference/methods.md §1.1);
+- `runtime`: None for every method above. A method that another runtime carries out on the whole
+  model names it (ONNX Runtime's INT8, `methods/onnx_int8.py`: it quantizes an exported graph,
+  activations included, and is evaluated in that runtime): the run hands the model to
+  experiments/ instead of calling `quantize_block`, which such a method never implements.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class Method(ABC):
     needs_calibration: ClassVar[bool] = True
     quantizes_weights: ClassVar[bool] = True
     propagation: ClassVar[Literal["quantized", "float"]] = "quantized"
+    runtime: ClassVar[str | None] = None
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

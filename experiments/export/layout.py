@@ -28,7 +28,7 @@ class ExportRefused(ConfigError):
 
 @dataclass(frozen=True)
 class Layout:
-    kind: str  # "uniform" | "codebook" | "none" (nothing quantized)
+    kind: str  # "uniform" | "codebook" | "lookup" (NF4 / FP4) | "none" (nothing quantized) | "onnx"
     bits: int | None = None
     group_size: int | None = None
     zero_format: str | None = None  # "int" | "float" | "none" (symmetric, implicit zero 2^(b-1))
@@ -40,7 +40,7 @@ class Layout:
 
 def layout_of(fmt: WeightFormat) -> Layout:
     if not isinstance(fmt, UniformWeight):
-        return Layout("codebook")
+        return Layout("lookup" if fmt.format_name == "lookup" else "codebook")
     return Layout(
         "uniform", fmt.bits, fmt.group_size, fmt.zero_format,
         "explicit" if fmt.g_idx_layout == "explicit" else "contiguous",
@@ -51,7 +51,7 @@ def layout_of(fmt: WeightFormat) -> Layout:
 def layout_of_meta(meta: dict[str, Any]) -> Layout:
     """The layout of a saved linear from its quantization.json entry (no tensor read)."""
     if meta.get("format_name") != "uniform":
-        return Layout("codebook")
+        return Layout("lookup" if meta.get("format_name") == "lookup" else "codebook")
     return Layout(
         "uniform", meta["bits"], meta["group_size"], meta["zero_format"],
         "explicit" if meta["g_idx_layout"] == "explicit" else "contiguous",
@@ -68,6 +68,12 @@ def predicted_layout(method_name: str, config: Any) -> Layout | None:
         return Layout("none")
     if method_name == "vptq":
         return Layout("codebook")
+    if method_name in ("nf4", "fp4"):
+        return Layout("lookup")
+    if method_name == "onnx_int8":
+        return Layout("onnx")
+    if method_name == "hqq":  # its own bits / group size; a float zero-point per group
+        return Layout("uniform", bits, group_size, "float")
     if method_name == "slim_llm":
         return Layout("uniform", bits, group_size, "int", mixed_widths=True)
     if method_name == "owq":
@@ -93,6 +99,13 @@ def refusal(fmt: str, layout: Layout) -> str | None:
         return f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}"
     if layout.kind == "none":
         return "method fp16 quantizes nothing: there are no quantized weights to export"
+    if layout.kind == "onnx":
+        return ("method onnx_int8 is quantized and evaluated by ONNX Runtime as an ONNX graph: there is no "
+                "quantlab model to export; export a weight-only method (e.g. method=rtn bits=8 group_size=-1)")
+    if layout.kind == "lookup":
+        return (f"NF4 / FP4 weights are indices into a 16-value table with a scale per block, not a uniform "
+                f"grid: {fmt} cannot hold them; they exist only in {OWN_FORMAT} (bitsandbytes' own "
+                "serialization is not written here)")
     if layout.kind == "codebook":
         return (f"codebook weights (VPTQ's indices and centroids) exist only in {OWN_FORMAT}: {fmt} holds "
                 "uniform grids (a scale per group) only")
