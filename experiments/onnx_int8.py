@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,19 @@ REQUIRED = ("onnxruntime", "onnx", "onnxscript")  # onnxscript: torch's dynamo O
 
 def missing_packages() -> list[str]:
     return [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter's graph passes and ORT's quantizer log a line per initializer and per tensor at
+    INFO on the root logger (thousands on a 30-block model): keep warnings only while they run."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 class _Logits(nn.Module):
@@ -72,7 +88,7 @@ def export(model: nn.Module, path: Path, example_len: int = 16) -> None:
     max_len = int(getattr(model.config, "max_position_embeddings", 0) or 4096)
     ids = torch.zeros(1, min(example_len, max_len), dtype=torch.long)
     seq = torch.export.Dim("seq", min=2, max=max_len)
-    with torch.no_grad():
+    with torch.no_grad(), _quiet():
         program = torch.onnx.export(
             _Logits(model).eval(), (ids,), input_names=["input_ids"], output_names=["logits"], dynamo=True,
             dynamic_shapes={"input_ids": {1: seq}}, verbose=False,
@@ -155,15 +171,17 @@ def quantize(source: Path, target: Path, config: Any, nodes: list[str], calib_id
     common = {"op_types_to_quantize": ["MatMul"], "nodes_to_quantize": nodes, "per_channel": config.per_channel,
               "reduce_range": config.reduce_range, "weight_type": QuantType.QInt8}
     if config.mode == "dynamic":
-        quantize_dynamic(source, target, **common)
+        with _quiet():
+            quantize_dynamic(source, target, **common)
         return
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    quantize_static(
-        source, target, _calibration_reader(calib_ids), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8,
-        calibrate_method=methods[config.calibrate_method], extra_options={"MatMulConstBOnly": True}, **common,
-    )
+    with _quiet():
+        quantize_static(
+            source, target, _calibration_reader(calib_ids), quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8,
+            calibrate_method=methods[config.calibrate_method], extra_options={"MatMulConstBOnly": True}, **common,
+        )
 
 
 def weight_records(graph: Any, mapping: dict[str, tuple[str, str]], linears: dict[str, nn.Linear],
