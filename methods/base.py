@@ -20,7 +20,9 @@ driver what the method needs:
 - `needs_calibration`: False for methods that never run the block (RTN, fp16), so no data loads;
 - `quantizes_weights`: False only for the fp16 baseline; otherwise every linear must be committed;
 - `propagation`: "quantized" (next block sees the quantized block's outputs: GPTQ, OWQ, SliM-LLM)
-  or "float" (next block sees full-precision outputs: AWQ, VPTQ; reference/methods.md §1.1).
+  or "float" (next block sees full-precision outputs: AWQ, VPTQ; reference/methods.md §1.1);
+- `sequences_per_forward`: None (the driver's calibration batch) or a number of sequences per block
+  forward, where the summation order matters (GPTQ's `reference_numerics`: 1, as the reference).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Method(ABC):
     needs_calibration: ClassVar[bool] = True
     quantizes_weights: ClassVar[bool] = True
     propagation: ClassVar[Literal["quantized", "float"]] = "quantized"
+    sequences_per_forward: int | None = None
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
