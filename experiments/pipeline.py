@@ -68,6 +68,27 @@ class BlockInputs:
     def n_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
+    def rechunked(self, size: int) -> BlockInputs:
+        """The same sequences in chunks of at most `size` (views, no copies). A kwarg tensor whose
+        leading dimension is the chunk's batch (a 4-D attention mask) is split with it; batch-free
+        ones (position embeddings [1, seqlen, d], None masks) are shared by the pieces."""
+        hidden, kwargs = [], []
+        for chunk, chunk_kwargs in zip(self.hidden, self.kwargs):
+            batch = chunk.shape[0]
+            for start in range(0, batch, size):
+                piece = slice(start, start + size)
+                hidden.append(chunk[piece])
+                kwargs.append({k: _batch_slice(v, batch, piece) for k, v in chunk_kwargs.items()})
+        return BlockInputs(hidden, kwargs)
+
+
+def _batch_slice(value: Any, batch: int, piece: slice) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[piece] if batch > 1 and value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(_batch_slice(v, batch, piece) for v in value)
+    return value
+
 
 @dataclass
 class QuantizationReport:
@@ -323,6 +344,8 @@ def quantize_model(
         start = time.perf_counter()
         inputs = capture_block_inputs(model, arch, calib_ids, device, batch_size)
         seconds["capture_s"] = time.perf_counter() - start
+    if inputs is not None and method.sequences_per_forward is not None:
+        inputs = inputs.rechunked(method.sequences_per_forward)
     records: list[LayerRecord] = []
     formats: dict[str, WeightFormat] = {}
     method_s = forward_s = 0.0

@@ -25,6 +25,8 @@ driver what the method needs:
   model names it (ONNX Runtime's INT8, `methods/onnx_int8.py`: it quantizes an exported graph,
   activations included, and is evaluated in that runtime): the run hands the model to
   experiments/ instead of calling `quantize_block`, which such a method never implements.
+- `sequences_per_forward`: None (the driver's calibration batch) or a number of sequences per block
+  forward, where the summation order matters (GPTQ's `reference_numerics`: 1, as the reference).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Method(ABC):
     quantizes_weights: ClassVar[bool] = True
     propagation: ClassVar[Literal["quantized", "float"]] = "quantized"
     runtime: ClassVar[str | None] = None
+    sequences_per_forward: int | None = None
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

@@ -45,6 +45,9 @@ class GPTQConfig(MethodConfig):
     mse: bool = False
     max_damp_retries: int = 5  # GPTQModel-style: on Cholesky failure, damp += damp_auto_increment
     damp_auto_increment: float = 0.0025
+    # The reference's floating-point order: one sequence per forward, its Hessian products, the
+    # outputs from a full block forward. Same algorithm, slower; to reproduce its numbers to the bit.
+    reference_numerics: bool = False
     supported_bits = (2, 3, 4, 8)
 
     def validate(self, method_name: str) -> None:
@@ -192,9 +195,22 @@ def _sync(device: torch.device) -> None:
 class GPTQ(Method):
     """Per linear, the record gets: damp (the relative lambda used), damp_retries, dead_columns, loss
     (the reference's sum of Losses), hessian_sequences, hessian_from, and its share of the time:
-    forward_seconds (running the block to this group), hessian_seconds, solver_seconds."""
+    forward_seconds (running the block to this group), hessian_seconds, solver_seconds.
+
+    `reference_numerics` follows IST-DASLab's `llama_sequential` wherever the order of floating-point
+    operations differs: the fast path sums each Hessian over `calib.batch_size` sequences per
+    product and takes the block outputs from the mid-block residual. Both are exact in real
+    arithmetic; at 3 bits the last-bit differences change codes (README, "GPTQ: reference numerics")."""
 
     config_class = GPTQConfig
+
+    @property
+    def reference_numerics(self) -> bool:
+        return getattr(self.config, "reference_numerics", False)  # OWQ's config has no such field
+
+    @property
+    def sequences_per_forward(self) -> int | None:  # type: ignore[override]
+        return 1 if self.reference_numerics else None
 
     @torch.no_grad()
     def quantize_block(self, block: BlockView) -> None:
@@ -209,12 +225,16 @@ class GPTQ(Method):
                 f"{block.name}: sequential groups {groups} do not cover the linears {order} exactly once"
             )
         representative = input_representatives(block)
+        reference = self.reference_numerics
         with tf32_disabled():
             for group in groups:
                 # One pass per group, stopped once its inputs are seen; the inputs already carry the
                 # quantized weights of the earlier groups (§3.2). Linears sharing an input share a
-                # Hessian: the reference builds q/k/v's three times over.
-                hessians, timing = collect_hessians(block, group, last_pass=group is groups[-1])
+                # Hessian: the reference builds q/k/v's three times over, to the same bits. The last
+                # pass may keep the mid-block residual for the output pass (not in reference mode).
+                hessians, timing = collect_hessians(
+                    block, group, last_pass=group is groups[-1] and not reference, reference_order=reference
+                )
                 _sync(block.linears[group[0]].weight.device)
                 # The pass serves the whole group: each linear is charged an equal share.
                 share = {key: seconds / len(group) for key, seconds in timing.items()}

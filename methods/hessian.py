@@ -11,6 +11,12 @@ b_1, b_2, ... the state is H = (2/n) sum over all tokens seen of x x^T with n = 
 call (the reference's b = 1) or a whole batch in one matmul therefore gives the same H up to float
 rounding (tested in tests/methods/test_hessian.py). Only the scale of H depends on N; GPTQ's
 damping is relative to mean(diag H), so its result does not.
+
+"Up to float rounding" is not nothing: at 3 bits GPTQ amplifies a last-bit difference in H into
+different codes (README, "GPTQ: reference numerics"). `reference_order=True` accumulates as the
+reference does, to the bit: one call per forward (the reference's forwards hold one sequence; the
+driver's `sequences_per_forward` arranges that), the full product X^T X in the reference's operand
+layout, added after the product (tests/methods/test_gptq_reference_numerics.py).
 """
 
 from __future__ import annotations
@@ -43,12 +49,23 @@ def add_gram_(target: torch.Tensor, tokens: torch.Tensor) -> None:
             target[: i, i : i + rows.shape[1]] += lower[:, :i].T
 
 
-class HessianAccumulator:
-    """Running (2/N) X^T X for one linear layer's input, in fp32 on `device`."""
+def add_gram_reference_(target: torch.Tensor, tokens: torch.Tensor) -> None:
+    """target += tokens^T tokens as `gptq:gptq.py add_batch` computes it: the input transposed to
+    [in, tokens], multiplied by its transpose, then added (a fused addmm_ rounds differently)."""
+    inp = tokens.t()
+    target += inp.matmul(inp.t())
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+
+class HessianAccumulator:
+    """Running (2/N) X^T X for one linear layer's input, in fp32 on `device`; `reference_order`:
+    each product as the reference computes it (`add_gram_reference_`), not the tiled `add_gram_`."""
+
+    def __init__(
+        self, in_features: int, device: torch.device | str | None = None, reference_order: bool = False
+    ) -> None:
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.n_sequences = 0
+        self._add_gram = add_gram_reference_ if reference_order else add_gram_
         self.seconds = 0.0  # time spent accumulating (on CUDA, kernel launch time unless synchronized)
 
     def add(self, inputs: torch.Tensor, n_sequences: int | None = None) -> None:
@@ -65,7 +82,7 @@ class HessianAccumulator:
         self.hessian *= self.n_sequences / (self.n_sequences + n_sequences)
         self.n_sequences += n_sequences
         tokens = math.sqrt(2 / self.n_sequences) * tokens.float()
-        add_gram_(self.hessian, tokens)
+        self._add_gram(self.hessian, tokens)
         self.seconds += time.perf_counter() - start
 
 
@@ -83,19 +100,23 @@ def input_representatives(block: BlockView) -> dict[str, str]:
 
 
 def collect_hessians(
-    block: BlockView, names: list[str], last_pass: bool = False
+    block: BlockView, names: list[str], last_pass: bool = False, reference_order: bool = False
 ) -> tuple[dict[str, HessianAccumulator], dict[str, float]]:
     """The Hessians of `names`, from one pass over the block's calibration inputs.
 
     One accumulator per distinct input, fed by the first linear that receives it; the pass stops as
     soon as the last needed input has been seen, so neither the linears sharing an input nor
-    anything after them is computed. Returns the accumulator of each name and the pass's time
+    anything after them is computed. (The reference builds one Hessian per linear: the same
+    operations on the same input, so the same bits; tests/methods/test_gptq_reference_numerics.py
+    checks it on its transcription.) Returns the accumulator of each name and the pass's time
     split: `forward_seconds` (running the block) and `hessian_seconds` (the Gram updates)."""
     order = list(block.linears)
     representative = input_representatives(block)
     sources = sorted({representative[name] for name in names}, key=order.index)
     accumulators = {
-        source: HessianAccumulator(block.linears[source].in_features, block.linears[source].weight.device)
+        source: HessianAccumulator(
+            block.linears[source].in_features, block.linears[source].weight.device, reference_order
+        )
         for source in sources
     }
     start = time.perf_counter()

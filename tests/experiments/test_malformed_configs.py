@@ -89,6 +89,7 @@ CASES = [
     case("rtn-sym-not-bool", "method.sym=maybe", "method.sym"),
     case("gptq-damp", "method=gptq method.damp=-1", "damp"),
     case("gptq-block-size", "method=gptq method.block_size=0", "block_size"),
+    case("gptq-reference-numerics-not-bool", "method=gptq method.reference_numerics=maybe", "reference_numerics"),
     case("owq-target-bits", "method=owq method.target_bits=5 bits=3", "target_bits"),
     case("owq-outliers", "method=owq method.n_outliers=-1 group_size=-1", "n_outliers"),
     case("owq-tuning", "method=owq method.tuning=foo", "tuning"),

@@ -88,9 +88,12 @@ def literal_fasterquant(
     static_groups=False,
     mse=False,
     refit_updated=False,
+    codes_out=None,
 ):
     """Returns (Q, total loss). `refit_updated=True` is NOT the reference: it fits a dynamic group
-    on the in-block-updated weights, to show that the stale-fit quirk changes the result."""
+    on the in-block-updated weights, to show that the stale-fit quirk changes the result.
+    `codes_out` (a [rows, columns] tensor), when given, receives the integer codes in the original
+    column order; the reference never materializes them, they are for comparisons."""
     W, H = W.clone().float(), H.clone()
     columns = W.shape[1]
     quant = LiteralQuantizer(bits, sym, mse)
@@ -137,6 +140,9 @@ def literal_fasterquant(
                         idx = perm[idx]
                     quant = groups[idx // groupsize]
             q = quant.quantize(w.unsqueeze(1)).flatten()
+            if codes_out is not None:
+                code = torch.clamp(torch.round(w.unsqueeze(1) / quant.scale) + quant.zero, 0, quant.maxq)
+                codes_out[:, perm[i1 + i] if actorder else i1 + i] = code.flatten()
             Q1[:, i] = q
             Losses1[:, i] = (w - q) ** 2 / d**2
             err1 = (w - q) / d

@@ -67,3 +67,15 @@ def test_lower_triangle_gram_equals_the_full_product():
         target = torch.full((width, width), 0.5, dtype=torch.float64)
         add_gram_(target, x)
         assert torch.allclose(target, 0.5 + x.T @ x, rtol=1e-12, atol=1e-9), width
+
+
+def test_reference_order_is_the_reference_loop_to_the_bit():
+    """One sequence per call, the reference's product: the same bits as its per-sample loop (the
+    tiled product and batched calls agree only up to rounding; the README's reference-numerics
+    section shows what that rounding does at 3 bits)."""
+    gen = torch.Generator().manual_seed(1)
+    sequences = torch.randn(5, 300, 320, generator=gen) * torch.exp(torch.randn(320, generator=gen))
+    acc = HessianAccumulator(320, reference_order=True)
+    for sequence in sequences:
+        acc.add(sequence.unsqueeze(0))
+    assert torch.equal(acc.hessian, reference_per_sample(list(sequences)))
