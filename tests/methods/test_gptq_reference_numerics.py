@@ -9,10 +9,11 @@ passes the rotary `position_embeddings` (the reference kept attention_mask and p
 
 `method.reference_numerics=true` must equal the oracle to the bit: Hessians, codes, losses, over
 several blocks (so propagation too). The fast path may differ in the last bits of its Hessians;
-`attribute` switches its shortcuts to the reference's one at a time to find which one moves the
-numbers. Run as a script for the tables of the README on SmolLM2 (minutes on a CPU):
+`Shortcuts` switches its shortcuts to the reference's way one at a time to find which one moves
+the numbers. Run as a script for the README's tables on SmolLM2 (tens of CPU-minutes):
 
-    python tests/methods/test_gptq_reference_numerics.py --nsamples 128 --seqlen 512 --blocks 4
+    PYTHONPATH=. python tests/methods/test_gptq_reference_numerics.py --nsamples 128 --seqlen 512 \
+        --blocks 4 --seeds 1 2
 """
 
 from __future__ import annotations
@@ -395,9 +396,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from experiments.data.calibration import CalibrationSpec, calibration_samples
-    from tests.conftest import _load
+    from tests.conftest import SHARED_DATA, _load  # (offline, as the tests)
+
+    os.environ.setdefault("QUANTLAB_DATA_DIR", str(SHARED_DATA))
 
     loaded = _load("smollm2-135m")
     model, arch = loaded.model, loaded.architecture
@@ -417,7 +419,7 @@ def main() -> None:
     block0 = pick(expected, 0)
 
     print(f"\nBlock 0, C4 {args.nsamples} x {args.seqlen} seed 0, W3 g128 asym; each row against the transcription")
-    print("| variant | Hessians equal | max rel. dH | codes differ | sum of losses | same as fast path |")
+    print("| variant | Hessians equal | max rel. dH | codes differ (mean of the linears) | sum of losses | same as fast path |")
     print("|---|---|---|---|---|---|")
     results = {}
     for name, switches in VARIANTS.items():
@@ -440,7 +442,7 @@ def main() -> None:
     print(f"\nBlocks 0-{args.blocks - 1} (each on its predecessors' quantized outputs)")
     fast = quantlab_blocks(model, arch, originals, calib_ids, args.blocks, fast_config)
     ours = quantlab_blocks(model, arch, originals, calib_ids, args.blocks, ref_config)
-    print("| block | reference_numerics: identical | fast: codes differ | fast: max rel. dH | sum of losses, fast | reference |")
+    print("| block | reference_numerics: identical | fast: codes differ (mean of the linears) | fast: max rel. dH | sum of losses, fast | reference |")
     print("|---|---|---|---|---|---|")
     for i in range(args.blocks):
         d_ours, d_fast = differences(pick(ours, i), pick(expected, i)), differences(pick(fast, i), pick(expected, i))
