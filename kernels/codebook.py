@@ -299,8 +299,7 @@ class CodebookWeight(WeightFormat):
 
     @classmethod
     def unpack(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> CodebookWeight:
-        if meta.get("format_name") != cls.format_name:
-            raise ValueError(f"not a {cls.format_name} weight: format_name {meta.get('format_name')!r}")
+        cls.check_meta(meta)
         out_features, in_features = meta["shape"]
         partitions = []
         for i, spec in enumerate(meta["partitions"]):

@@ -83,6 +83,12 @@ class WeightFormat(ABC):
     def unpack(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> WeightFormat:
         """Rebuild the weight from `pack()` and `meta()` output."""
 
+    @classmethod
+    def check_meta(cls, meta: dict[str, Any]) -> None:
+        """`unpack`'s first step: refuse another format's metadata."""
+        if meta.get("format_name") != cls.format_name:
+            raise ValueError(f"not a {cls.format_name} weight: format_name {meta.get('format_name')!r}")
+
     @abstractmethod
     def rounded_to_storage(self) -> WeightFormat:
         """This weight as `pack()` stores it (half-precision scales, ...), without packing."""

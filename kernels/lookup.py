@@ -238,8 +238,7 @@ class LookupWeight(WeightFormat):
 
     @classmethod
     def unpack(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> LookupWeight:
-        if meta.get("format_name") != cls.format_name:
-            raise ValueError(f"not a {cls.format_name} weight: format_name {meta.get('format_name')!r}")
+        cls.check_meta(meta)
         _, in_features = meta["shape"]
         codes = unpack_codes(tensors["codes"], CODE_BITS, in_features)
         common = {"codes": codes, "table": meta["table"], "blocksize": meta["blocksize"],

@@ -386,8 +386,7 @@ class UniformWeight(WeightFormat):
 
     @classmethod
     def unpack(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> UniformWeight:
-        if meta.get("format_name") != cls.format_name:
-            raise ValueError(f"not a {cls.format_name} weight: format_name {meta.get('format_name')!r}")
+        cls.check_meta(meta)
         out_features, in_features = meta["shape"]
         bits, group_size, n_groups = meta["bits"], meta["group_size"], meta["n_groups"]
         zero_format, scale_bits = meta["zero_format"], meta["scale_bits"]
