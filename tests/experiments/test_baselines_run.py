@@ -5,22 +5,10 @@ import pytest
 
 from experiments.cli import run_from_config
 from tests.conftest import compose_config
+from tests.experiments.test_artifacts import cache, ppl  # noqa: F401, F811  (the private-cache fixture; a record's perplexities)
 from tests.experiments.test_cli import TINY
 
 BASE = [t for t in TINY if not t.startswith(("method=", "bits=", "group_size="))]
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    from tests.experiments.test_run_cache import private_cache
-
-    root = private_cache(tmp_path)
-    monkeypatch.setenv("QUANTLAB_CACHE_DIR", str(root))
-    return root
-
-
-def ppl(record: dict) -> dict:
-    return {k: v["value"] for k, v in record["metrics"]["ppl"].items()}
 
 
 @pytest.mark.parametrize(
@@ -29,7 +17,7 @@ def ppl(record: dict) -> dict:
      (["method=hqq", "bits=3", "method.group_size=32"], 3 + 32 / 32)],
     ids=["nf4-double-quant", "fp4", "hqq-w3"],
 )
-def test_a_baseline_runs_saves_and_reloads(args, bits_per_weight, tmp_path, cache, data_dir):
+def test_a_baseline_runs_saves_and_reloads(args, bits_per_weight, tmp_path, cache, data_dir):  # noqa: F811
     first = run_from_config(compose_config(*BASE, *args, "save_model=true"), tmp_path / "a", progress=False)
     assert first["status"] == "ok" and len(first["layers"]) == 14
     if bits_per_weight is not None:
