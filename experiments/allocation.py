@@ -10,7 +10,7 @@ files): a `torch.save`d dict {block index (int): {linear name inside the block (
 - `method.save_allocation=PATH`: `save(method, layers)` writes the widths the run used, taken from
   the per-layer records (so a run whose quantization came from the cache still writes it).
 
-The quantization cache's key holds the file's sha256 (experiments/artifacts.py), so replacing an
+The quantization cache's key holds the file's sha256 (experiments/store/artifacts.py), so replacing an
 allocation file in place makes a new entry.
 """
 

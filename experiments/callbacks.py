@@ -47,7 +47,7 @@ class SweepIndex(Callback):
 
 
 def write_index(sweep_dir: Path) -> Path | None:
-    from experiments.cache import atomic_write_bytes
+    from experiments.store.cache import atomic_write_bytes
     from experiments.reporting import load_runs
 
     sweep_dir = Path(sweep_dir).absolute()  # the default output folder is relative

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.cache import Cache, atomic_write_json
+from experiments.store.cache import Cache, atomic_write_json
 from experiments.kl import KLAccumulator, TopKSummary, baseline_summary, kl_windows
 from experiments.zeroshot.stage import (
     baseline_as_quantized,

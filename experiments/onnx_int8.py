@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.cache import build_dir_once, key_hash
+from experiments.store.cache import build_dir_once, key_hash
 from experiments.evaluate import LOGIT_SLICE, summarize
 from experiments.pipeline import LayerRecord
 from experiments.statistics import paired_delta

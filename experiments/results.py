@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from experiments.cache import atomic_write_json
+from experiments.store.cache import atomic_write_json
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"

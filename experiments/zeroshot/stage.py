@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from experiments.cache import Cache
+from experiments.store.cache import Cache
 from experiments.data.sources import data_dir
 from experiments.statistics import task_delta
 from methods.base import ConfigError

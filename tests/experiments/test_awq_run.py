@@ -4,7 +4,7 @@ its time split, calibrated with AWQ's own sampling rule."""
 import json
 
 from tests.conftest import run_quantlab
-from tests.experiments.test_run_cache import private_cache
+from tests.experiments.store.test_shared_inputs import private_cache
 
 
 def test_quantlab_method_awq_on_tiny_llama_writes_an_ok_record(tmp_path, data_dir):

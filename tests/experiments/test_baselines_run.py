@@ -5,7 +5,7 @@ import pytest
 
 from experiments.cli import run_from_config
 from tests.conftest import compose_config
-from tests.experiments.test_artifacts import cache, ppl  # noqa: F401, F811  (the private-cache fixture; a record's perplexities)
+from tests.experiments.store.test_artifacts import cache, ppl  # noqa: F401, F811  (the private-cache fixture; a record's perplexities)
 from tests.experiments.test_cli import TINY
 
 BASE = [t for t in TINY if not t.startswith(("method=", "bits=", "group_size="))]

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """A private baseline cache, sharing the converted-model cache (so no re-conversion)."""
-    from experiments.cache import cache_root
+    from experiments.store.cache import cache_root
 
     shared = cache_root()
     private = tmp_path / "cache"

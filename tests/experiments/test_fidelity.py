@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments.cache import computations
+from experiments.store.cache import computations
 from experiments.cli import run_from_config
 from experiments.summary import render, run_rows
 from experiments.tracking import fidelity_summary
@@ -22,7 +22,7 @@ TINY = [
 
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch, data_dir):
-    from experiments.cache import cache_root
+    from experiments.store.cache import cache_root
 
     shared = cache_root()
     private = tmp_path / "cache"

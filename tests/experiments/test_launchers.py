@@ -10,12 +10,12 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 
-from experiments.cache import computations, read_events
+from experiments.store.cache import computations, read_events
 from experiments.report import main as report_main
 from experiments.reporting import load_runs, pareto_plot, parse_metric
 from experiments.reporting.plots import BITS_AXIS_LABEL
 from tests.conftest import run_quantlab
-from tests.experiments.test_run_cache import kinds, private_cache
+from tests.experiments.store.test_shared_inputs import kinds, private_cache
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_SWEEP = [

@@ -382,7 +382,7 @@ def test_a_text_with_too_few_tokens_is_a_message_after_tokenization(tmp_path, ca
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     args = [*BASE, "eval.ppl.datasets=[wikitext2]", "eval.ppl.seqlen=128", f"paths.data_dir={tmp_path / 'data'}",
             f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
-    from experiments.cache import cache_root
+    from experiments.store.cache import cache_root
 
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "models").symlink_to(cache_root() / "models")  # the converted tokenizer, shared

@@ -17,7 +17,7 @@ ORT = [*TINY, "method=onnx_int8", "bits=8", "group_size=-1"]
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    from tests.experiments.test_run_cache import private_cache
+    from tests.experiments.store.test_shared_inputs import private_cache
 
     root = private_cache(tmp_path)
     monkeypatch.setenv("QUANTLAB_CACHE_DIR", str(root))

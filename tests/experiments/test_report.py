@@ -6,7 +6,7 @@ import json
 import pandas as pd
 
 from experiments import report
-from experiments.cache import atomic_write_json
+from experiments.store.cache import atomic_write_json
 from tests.experiments.test_report_records import write_run
 
 

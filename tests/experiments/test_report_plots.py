@@ -80,7 +80,7 @@ def test_layers_plot_refuses_a_whole_sweep(sweep, tmp_path):
 
 
 def test_bitmap_plot_shows_each_groups_width(tmp_path):
-    from experiments.cache import atomic_write_json
+    from experiments.store.cache import atomic_write_json
     from experiments.reporting.plots import bitmap_plot
     from tests.experiments.test_report_records import make_record
 

@@ -9,7 +9,7 @@ import math
 import pandas as pd
 import pytest
 
-from experiments.cache import atomic_write_json
+from experiments.store.cache import atomic_write_json
 from experiments.reporting.records import load_layers, load_runs
 from experiments.results import NOT_FINISHED, config_hash
 

@@ -120,7 +120,7 @@ def test_numbers_stay_readable_at_every_scale():
 
 def test_method_variants_get_their_own_rows(tmp_path):
     """The literature's two RTNs are different rows, never one cell."""
-    from experiments.cache import atomic_write_json
+    from experiments.store.cache import atomic_write_json
     from experiments.results import config_hash
     from tests.experiments.test_report_records import make_record
 

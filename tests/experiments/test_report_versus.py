@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from experiments.cache import atomic_write_json
+from experiments.store.cache import atomic_write_json
 from experiments.report import main
 from experiments.reporting.records import ReportError, load_runs
 from experiments.reporting.versus import versus_table

@@ -81,7 +81,7 @@ def test_the_quantization_cache_keys_the_allocation_by_content(tmp_path, tiny_ll
     """Rewriting an allocation file in place must not reuse weights quantized with the old one."""
     from types import SimpleNamespace
 
-    from experiments.artifacts import QuantizedStore
+    from experiments.store.artifacts import QuantizedStore
     from experiments.cli import load_group_option
     from experiments.schema import validate
 

@@ -8,7 +8,7 @@ from experiments.models.quantized import EXACT_FILE, WEIGHTS_FILE, files_are_int
 from kernels import CodebookWeight
 from methods.vptq import VPTQConfig, layer_bits
 from tests.conftest import compose_config
-from tests.experiments.test_artifacts import cache, ppl  # noqa: F401  (fixture)
+from tests.experiments.store.test_artifacts import cache, ppl  # noqa: F401  (fixture)
 from tests.experiments.test_cli import TINY
 
 # 2 bits of indices (v4 k256 would be too many centroids for 64-wide layers): v3 k64, few iterations.

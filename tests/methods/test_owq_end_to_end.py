@@ -23,7 +23,7 @@ TINY = [
 
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
-    from experiments.cache import cache_root
+    from experiments.store.cache import cache_root
 
     shared, private = cache_root(), tmp_path / "cache"
     private.mkdir()

@@ -8,7 +8,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from tests.conftest import run_quantlab
-from tests.experiments.test_run_cache import private_cache
+from tests.experiments.store.test_shared_inputs import private_cache
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"

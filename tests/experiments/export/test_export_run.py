@@ -13,7 +13,7 @@ from experiments.export.cli import main as export_main
 from experiments.export.readers import read_compressed_tensors, read_gptq
 from experiments.models.quantized import load_formats
 from tests.conftest import REPO, compose_config
-from tests.experiments.test_artifacts import cache  # noqa: F401  (fixture)
+from tests.experiments.store.test_artifacts import cache  # noqa: F401  (fixture)
 from tests.experiments.test_cli import TINY
 
 

@@ -3,7 +3,7 @@
 import json
 import os
 
-from experiments.cache import file_sha256
+from experiments.store.cache import file_sha256
 from experiments.models.loading import SOURCE_MANIFEST, VERIFIED_STAMP, _converted_copy_is_valid
 
 

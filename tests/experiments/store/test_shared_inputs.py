@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from experiments.cache import cache_root, computations, read_events
+from experiments.store.cache import cache_root, computations, read_events
 from experiments.cli import run_from_config
 from experiments.data.calibration import CalibrationSpec, calibration_set
 from experiments.data.protocols import eval_windows
 from experiments.pipeline import capture_block_inputs, quantize_model
-from experiments.run_cache import (
+from experiments.store.shared_inputs import (
     cached_block_inputs,
     cached_calibration_set,
     cached_eval_windows,

@@ -1,4 +1,4 @@
-"""What runs share through the cache (experiments/cache.py): tokenized evaluation windows,
+"""What runs share through the cache (experiments/store/cache.py): tokenized evaluation windows,
 calibration tensors and the inputs of block 0, each computed once per key on a machine.
 
 Keys hold everything that determines the entry: the text's variant (origin and content hash),
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from experiments.cache import Cache
+from experiments.store.cache import Cache
 from experiments.data.calibration import CalibrationSpec, calibration_fingerprint, calibration_set
 from experiments.data.protocols import STREAM_TEXTS, EvalWindows, eval_windows
 from experiments.data.sources import dataset_variant

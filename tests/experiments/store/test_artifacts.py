@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.cache import read_events
+from experiments.store.cache import read_events
 from experiments.cli import load_group_option, run_from_config
 from experiments.models.quantized import (
     EXACT_FILE,
@@ -22,7 +22,7 @@ from experiments.summary import run_rows
 from methods.base import ConfigError
 from tests.conftest import compose_config
 from tests.experiments.test_cli import TINY
-from tests.experiments.test_run_cache import private_cache
+from tests.experiments.store.test_shared_inputs import private_cache
 
 
 def quantized_events(root: Path) -> list[str]:

@@ -13,7 +13,7 @@ from experiments.evaluate import perplexity
 from experiments.models.adapters import architecture_for
 from experiments.models.quantized import WEIGHTS_FILE, load_quantized_model
 from tests.conftest import compose_config
-from tests.experiments.test_artifacts import cache, ppl  # noqa: F401  (fixture)
+from tests.experiments.store.test_artifacts import cache, ppl  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
