@@ -32,7 +32,7 @@ def plain_transformers_ppl(model, windows: torch.Tensor, batch_size: int) -> tup
 
 def bench_evaluator(windows_n: int, seqlen: int, batch_size: int, repeats: int) -> None:
     from experiments.data.protocols import eval_windows
-    from experiments.evaluate import perplexity
+    from experiments.evaluation.perplexity import perplexity
     from experiments.models.loading import ModelSpec, load_model
 
     spec = ModelSpec(name="smollm2-135m", source="package_gguf", dtype="float32", device="auto")

@@ -212,7 +212,7 @@ def _runtime_methods(run: Any) -> None:
     if not runtimes:
         return
     name = runtimes[0].name
-    from experiments.onnx_int8 import missing_packages
+    from experiments.evaluation.onnx_runtime import missing_packages
 
     if missing := missing_packages():
         raise ConfigError(

@@ -128,9 +128,9 @@ def check_tasks(run: Any) -> dict[str, str]:
     """Each local zero-shot task's files, read as the run will read them: {task: sha256 or hub}."""
     if not run.eval.tasks:
         return {}
-    from experiments.zeroshot.local_data import READERS
-    from experiments.zeroshot.stage import plan_tasks
-    from experiments.zeroshot.tasks import LOCAL_TASKS
+    from experiments.evaluation.zeroshot.local_data import READERS
+    from experiments.evaluation.zeroshot.stage import plan_tasks
+    from experiments.evaluation.zeroshot.tasks import LOCAL_TASKS
 
     fingerprints = {}
     root = data_dir().absolute()

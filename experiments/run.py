@@ -16,17 +16,18 @@ from typing import Any
 
 import torch
 
-from experiments import allocation, fidelity
+from experiments import allocation
 from experiments.store.artifacts import QuantizedStore, consistency_gate
 from experiments.store.cache import Cache
-from experiments.evaluate import perplexity, place_for_eval, release_from_eval
+from experiments.evaluation import zeroshot_and_kl
+from experiments.evaluation.perplexity import perplexity, place_for_eval, release_from_eval
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config
 from experiments.pipeline import QuantizationReport, quantize_model
 from experiments.results import RunRecord
 from experiments.store.shared_inputs import cached_block_inputs, cached_calibration_set, cached_eval_windows
 from experiments.schema import RunConfig
-from experiments.statistics import paired_delta
+from experiments.evaluation.statistics import paired_delta
 from experiments.tracking import make_tracker
 from kernels.linear import model_weight_bytes
 from methods import get_method_class
@@ -140,17 +141,17 @@ class _Calibration:
 
 def _quantize_and_evaluate(
     loaded: LoadedModel, method: Method, run: RunConfig, sets: dict[str, Any], baseline: dict[str, dict],
-    calibration: _Calibration, progress: bool, extras: fidelity.Baseline | None = None,
+    calibration: _Calibration, progress: bool, extras: zeroshot_and_kl.Baseline | None = None,
     run_dir: Path | None = None, export: bool = False,
 ) -> dict[str, Any]:
     """Quantize `loaded.model` in place with `method`, then evaluate it on the same windows as the
     baseline. Returns the record fields of one method. `export`: write the saved quantized model
     in `run.export.format` as soon as it is there (before evaluating)."""
     if method.runtime == "onnxruntime":  # quantized and evaluated as an ONNX graph (methods/onnx_int8.py)
-        from experiments import onnx_int8
+        from experiments.evaluation import onnx_runtime
 
         release_from_eval(loaded.model)
-        return onnx_int8.quantize_and_evaluate(loaded, method, run, sets, baseline, calibration)
+        return onnx_runtime.quantize_and_evaluate(loaded, method, run, sets, baseline, calibration)
     model, arch = loaded.model, loaded.architecture
     release_from_eval(model)
     store = QuantizedStore(run, loaded, method, calibration, run_dir)
@@ -197,15 +198,15 @@ def _quantize_and_evaluate(
     place_for_eval(model, arch, loaded.device)
     start = time.perf_counter()
     metrics: dict[str, dict] = {}
-    extras = extras or fidelity.Baseline()
+    extras = extras or zeroshot_and_kl.Baseline()
     kl: dict[str, dict] = {}
     for dataset, windows in sets.items():
         if not method.quantizes_weights:
             metrics[dataset] = dict(baseline[dataset])
-            if (same := fidelity.identical_kl(extras, dataset)) is not None:
+            if (same := zeroshot_and_kl.identical_kl(extras, dataset)) is not None:
                 kl[dataset] = same
         else:
-            observer = fidelity.kl_observer(extras, dataset)  # KL inside the perplexity pass
+            observer = zeroshot_and_kl.kl_observer(extras, dataset)  # KL inside the perplexity pass
             metrics[dataset] = perplexity(
                 model, arch, windows.input_ids, run.eval.ppl.batch_size, observer=observer
             ).as_dict()
@@ -213,7 +214,7 @@ def _quantize_and_evaluate(
                 kl[dataset] = observer.result()
         metrics[dataset]["vs_baseline"] = paired_delta(metrics[dataset]["window_nll"], baseline[dataset]["window_nll"])
     timings["eval_s"] = time.perf_counter() - start
-    zeroshot = fidelity.evaluate(model, loaded.tokenizer, run, extras, method.quantizes_weights)
+    zeroshot = zeroshot_and_kl.evaluate(model, loaded.tokenizer, run, extras, method.quantizes_weights)
     if zeroshot:
         timings["tasks_s"] = zeroshot["seconds"]
     return {
@@ -241,7 +242,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         torch.manual_seed(run.seed)
         method = get_method_class(run.method_name)(run.method)
         allocation.attach(method)  # method.allocation (SliM-LLM): read before the model loads
-        tasks = fidelity.plan(run)  # unknown tasks or missing task data fail before the model loads
+        tasks = zeroshot_and_kl.plan(run)  # unknown tasks or missing task data fail before the model loads
         base_spec, tokenizer_spec = run.model, run.tokenizer_model
         if run.model.source == "quantized":  # evaluate a saved quantized model: its base model and method
             saved = read_quant_config(Path(run.model.path))
@@ -271,7 +272,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         place_for_eval(model, loaded.architecture, loaded.device)
         baseline = _baseline(loaded, run, sets, record)
         record.data["baseline"]["ppl"] = baseline
-        extras = fidelity.compute_baseline(loaded, run, sets, tasks, record)
+        extras = zeroshot_and_kl.compute_baseline(loaded, run, sets, tasks, record)
         calibration = _Calibration(run, loaded.tokenizer, record)
 
         result = _quantize_and_evaluate(loaded, method, run, sets, baseline, calibration, progress, extras, run_dir,
@@ -279,7 +280,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         timings.update(result.pop("timings"))
         allocation.save(method, result["layers"])  # method.save_allocation (SliM-LLM)
         if (items := result.pop("_items")) is not None:
-            fidelity.write_items(run_dir, f"{run.method_name} W{run.bits} g{run.group_size}", items)
+            zeroshot_and_kl.write_items(run_dir, f"{run.method_name} W{run.bits} g{run.group_size}", items)
         record.data.update(result)
         if run.expected is not None:
             record.data["expected"] = asdict(run.expected)
@@ -294,7 +295,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
             allocation.attach(other)
             result = _quantize_and_evaluate(loaded, other, run, sets, baseline, calibration, progress, extras, run_dir)
             if (items := result.pop("_items")) is not None:
-                fidelity.write_items(run_dir, f"{name} W{config_.bits} g{config_.group_size}", items)
+                zeroshot_and_kl.write_items(run_dir, f"{name} W{config_.bits} g{config_.group_size}", items)
             comparisons.append({"method": name, "bits": config_.bits, "group_size": config_.group_size,
                                 "config": asdict(config_), **result})
             record.write()

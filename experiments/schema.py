@@ -49,7 +49,7 @@ class PPLConfig:
 
 @dataclass
 class KLConfig:
-    """KL to the full-precision model over the perplexity windows (experiments/kl.py)."""
+    """KL to the full-precision model over the perplexity windows (experiments/evaluation/kl.py)."""
 
     enabled: bool = False
     top_k: int = 32  # baseline log-probs kept per position (exact part of the KL)
@@ -61,7 +61,7 @@ class KLConfig:
 @dataclass
 class EvalConfig:
     ppl: PPLConfig = field(default_factory=PPLConfig)
-    tasks: list[str] = field(default_factory=list)  # lm-eval task names (experiments/zeroshot)
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names (experiments/evaluation/zeroshot)
     task_source: str = "auto"  # auto: local files when they are there (or the hub is off), else the hub; or local / hub
     num_fewshot: int = 0
     limit: int | None = None  # first N items of each task (lm-eval's --limit): a reduced protocol
@@ -162,7 +162,7 @@ def _positive(value: int, what: str) -> None:
 
 def _validate_zeroshot(evaluation: EvalConfig) -> None:
     """eval.tasks / eval.kl knobs; whether each task's data is there is checked when the run
-    resolves its tasks (experiments/zeroshot/tasks.py), still before the model loads."""
+    resolves its tasks (experiments/evaluation/zeroshot/tasks.py), still before the model loads."""
     _choice(evaluation.task_source, ("auto", "local", "hub"), "eval.task_source")
     _positive(evaluation.batch_size, "eval.batch_size")
     if evaluation.num_fewshot < 0:

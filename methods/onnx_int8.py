@@ -2,7 +2,7 @@
 
 This is a method whose work another runtime does (`runtime = "onnxruntime"`, methods/base.py): the
 model is exported to ONNX, ONNX Runtime's quantization tool rewrites the graph, and the rewritten
-graph is evaluated in ONNX Runtime (experiments/onnx_int8.py). It is a method rather than an
+graph is evaluated in ONNX Runtime (experiments/evaluation/onnx_runtime.py). It is a method rather than an
 `eval.backend` because it decides the weights (and, static, the activations): records, sweeps and
 reports key off the method and its exact bits; and it cannot be a `quantize_block` plug-in, since
 what it produces is a graph with integer ops, not a weight format per linear.
@@ -76,6 +76,6 @@ class OnnxInt8(Method):
 
     def quantize_block(self, block: BlockView) -> None:
         raise NotImplementedError(
-            "onnx_int8 quantizes the exported ONNX graph of the whole model (experiments/onnx_int8.py), "
+            "onnx_int8 quantizes the exported ONNX graph of the whole model (experiments/evaluation/onnx_runtime.py), "
             "not block by block"
         )

@@ -32,7 +32,7 @@ def _windows(tokenizer, seqlen: int, n: int) -> torch.Tensor:
 
 
 def _ppl(model, ids: torch.Tensor) -> float:
-    from experiments.evaluate import perplexity
+    from experiments.evaluation.perplexity import perplexity
     from experiments.models.adapters import architecture_for
 
     return perplexity(model, architecture_for(model.config.model_type), ids, batch_size=1).value

@@ -30,13 +30,13 @@ def main() -> None:
     from experiments.cli import load_group_option
     from experiments.data.protocols import eval_windows
     from experiments.data.sources import data_dir
-    from experiments.evaluate import perplexity
-    from experiments.kl import KLAccumulator, TopKRecorder
+    from experiments.evaluation.perplexity import perplexity
+    from experiments.evaluation.kl import KLAccumulator, TopKRecorder
     from experiments.models.loading import load_model
     from experiments.pipeline import quantize_model
     from experiments.schema import model_spec
-    from experiments.zeroshot.runner import evaluate_tasks
-    from experiments.zeroshot.tasks import resolve_tasks
+    from experiments.evaluation.zeroshot.runner import evaluate_tasks
+    from experiments.evaluation.zeroshot.tasks import resolve_tasks
     from methods.rtn import RTN, RTNConfig
 
     loaded = load_model(model_spec(load_group_option("model", "smollm2-135m")))

@@ -23,7 +23,7 @@ def main() -> None:
     from experiments.data.sources import data_dir
     from experiments.models.loading import load_model
     from experiments.schema import model_spec
-    from experiments.zeroshot.parity import compare_on_model
+    from experiments.evaluation.zeroshot.parity import compare_on_model
 
     loaded = load_model(model_spec(load_group_option("model", "smollm2-135m")))
     start = time.perf_counter()

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from experiments.reporting.records import ReportError, warn
-from experiments.statistics import paired_delta
+from experiments.evaluation.statistics import paired_delta
 
 # Keys two entries must share to be compared, beyond the evaluation protocol.
 MATCH_KEYS = ["model", "calib_dataset", "calib_nsamples", "calib_seqlen", "calib_seed", "bits", "group_size"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from experiments.data.protocols import eval_windows
-from experiments.evaluate import perplexity
+from experiments.evaluation.perplexity import perplexity
 from experiments.pipeline import quantize_model
 from methods.rtn import RTN, RTNConfig
 

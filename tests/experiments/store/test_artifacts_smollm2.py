@@ -9,7 +9,7 @@ import torch
 
 from experiments.cli import run_from_config
 from experiments.data.protocols import eval_windows
-from experiments.evaluate import perplexity
+from experiments.evaluation.perplexity import perplexity
 from experiments.models.adapters import architecture_for
 from experiments.models.quantized import WEIGHTS_FILE, load_quantized_model
 from tests.conftest import compose_config

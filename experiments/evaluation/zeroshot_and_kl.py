@@ -1,8 +1,8 @@
 """How close a quantized model stays to its full-precision baseline beyond perplexity: zero-shot
-task accuracy paired with the baseline's on the same items (experiments/zeroshot) and KL to the
-baseline's token distributions over the perplexity windows (experiments/kl.py).
+task accuracy paired with the baseline's on the same items (experiments/evaluation/zeroshot) and KL
+to the baseline's token distributions over the perplexity windows (experiments/evaluation/kl.py).
 
-run.py calls three things: `plan` before the model loads (bad task names or missing data fail
+experiments/run.py calls three things: `plan` before the model loads (bad task names or missing data fail
 in a second), `compute_baseline` next to the baseline perplexity (everything cached), and, per
 quantized model, `kl_observer` inside its perplexity pass and `evaluate` after it.
 """
@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from experiments.store.cache import Cache, atomic_write_json
-from experiments.kl import KLAccumulator, TopKSummary, baseline_summary, kl_windows
-from experiments.zeroshot.stage import (
+from experiments.evaluation.kl import KLAccumulator, TopKSummary, baseline_summary, kl_windows
+from experiments.evaluation.zeroshot.stage import (
     baseline_as_quantized,
     baseline_tasks,
     plan_tasks,
     quantized_tasks,
     task_protocol,
 )
-from experiments.zeroshot.tasks import ResolvedTask
+from experiments.evaluation.zeroshot.tasks import ResolvedTask
 
 ITEMS_FILE = "zeroshot_items.json"
 

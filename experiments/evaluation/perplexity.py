@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.models.adapters import Architecture
-from experiments.statistics import t_quantile_975
+from experiments.evaluation.statistics import t_quantile_975
 
 LOGIT_SLICE = 512  # positions per lm_head call: bounds the fp32 logits memory
 Observer = Callable[[int, int, torch.Tensor], None]  # (first window of the batch, first position, log-probs)
@@ -69,7 +69,7 @@ def window_nll(
 ) -> torch.Tensor:
     """Mean next-token NLL of each window in the batch [b, L] -> [b], computed in fp32.
     `observer(first_window, start, log_probs)` sees each slice's fp32 log-probabilities [b, s, V]
-    (experiments/kl.py records or compares distributions there, at no second forward pass)."""
+    (experiments/evaluation/kl.py records or compares distributions there, at no second forward pass)."""
     backbone = model.get_submodule(arch.backbone)
     lm_head = model.get_output_embeddings()
     ids = windows.to(input_device(model))

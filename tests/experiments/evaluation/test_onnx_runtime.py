@@ -51,19 +51,19 @@ def test_the_exported_graph_computes_the_torch_model(tmp_path, cache):
     """The fp32 export is the model: same logits through onnxruntime, so any PPL change is ORT's INT8."""
     import onnx
 
-    from experiments import onnx_int8
+    from experiments.evaluation import onnx_runtime
     from experiments.models.loading import load_model
     from experiments.schema import model_spec
 
     loaded = load_model(model_spec(load_group_option("model", "tiny-llama")), model_spec(load_group_option("model", "smollm2-135m")))
-    path = onnx_int8.cached_export(loaded.model, loaded.fingerprint, cache)
-    mapping = onnx_int8.map_linears(onnx.load(str(path)).graph, onnx_int8.block_linears(loaded.model, loaded.architecture))
+    path = onnx_runtime.cached_export(loaded.model, loaded.fingerprint, cache)
+    mapping = onnx_runtime.map_linears(onnx.load(str(path)).graph, onnx_runtime.block_linears(loaded.model, loaded.architecture))
     assert len(mapping) == 14
     window = torch.randint(0, 1000, (40,))
     with torch.no_grad():
         logits = loaded.model(input_ids=window[None]).logits[0]
     expected = torch.nn.functional.cross_entropy(logits[:-1], window[1:]).item()
-    assert onnx_int8.window_nll(onnx_int8._session(path), window) == pytest.approx(expected, rel=1e-5)
+    assert onnx_runtime.window_nll(onnx_runtime._session(path), window) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize(

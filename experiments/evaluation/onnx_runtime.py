@@ -12,7 +12,7 @@
    run's calibration windows, one window per ORT run).
 4. Evaluate the quantized graph in an onnxruntime CPU session on the same windows as the baseline:
    each window alone, mean next-token NLL of positions 1..L-1, PPL = exp(mean over windows), as
-   experiments/evaluate.py does, with its interval and the paired delta to the baseline.
+   experiments/evaluation/perplexity.py does, with its interval and the paired delta to the baseline.
 
 Bits are read off the quantized graph: per linear the int8 weight (8 bits each) plus the fp32
 scale(s) and int8 zero-point(s) ORT stores beside it. Activation scales (static) are per-tensor
@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.store.cache import build_dir_once, key_hash
-from experiments.evaluate import LOGIT_SLICE, summarize
+from experiments.evaluation.perplexity import LOGIT_SLICE, summarize
 from experiments.pipeline import LayerRecord
-from experiments.statistics import paired_delta
+from experiments.evaluation.statistics import paired_delta
 
 EXPORT_FILE = "model.onnx"
 REQUIRED = ("onnxruntime", "onnx", "onnxscript")  # onnxscript: torch's dynamo ONNX exporter

@@ -9,7 +9,7 @@ from typing import Any
 
 from experiments.store.cache import Cache
 from experiments.data.sources import data_dir
-from experiments.statistics import task_delta
+from experiments.evaluation.statistics import task_delta
 from methods.base import ConfigError
 
 from .runner import evaluate_tasks

@@ -146,7 +146,7 @@ def write_local_yaml(name: str, data_dir: Path, folder: Path) -> Path:
         config["process_docs"] = None  # the reader already built query/choices; lm-eval's needs ctx_a/ctx_b
     lines = [f"{key}: {json.dumps(value)}" for key, value in config.items()]
     # lm-eval's `!function` tag resolves an importable module when no file sits beside the YAML
-    lines.append("custom_dataset: !function experiments.zeroshot.local_data.load_local_dataset")
+    lines.append("custom_dataset: !function experiments.evaluation.zeroshot.local_data.load_local_dataset")
     path = folder / f"{name}.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

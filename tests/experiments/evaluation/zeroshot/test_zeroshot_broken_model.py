@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from experiments.pipeline import quantize_model
-from experiments.statistics import task_delta
-from experiments.zeroshot.runner import evaluate_tasks
-from experiments.zeroshot.tasks import resolve_tasks
+from experiments.evaluation.statistics import task_delta
+from experiments.evaluation.zeroshot.runner import evaluate_tasks
+from experiments.evaluation.zeroshot.tasks import resolve_tasks
 from methods.rtn import RTN, RTNConfig
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.statistics import mean_stderr
+from experiments.evaluation.statistics import mean_stderr
 
 from .tasks import ResolvedTask, task_manager
 

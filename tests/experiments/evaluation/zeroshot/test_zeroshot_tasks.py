@@ -2,12 +2,12 @@
 
 The reference is lm-eval's built-in YAML of each task with only its data source replaced: JSON
 lines in the hub dataset's fields, converted here from the same local files by code independent
-of experiments/zeroshot/local_data.py."""
+of experiments/evaluation/zeroshot/local_data.py."""
 
 import pytest
 
-from experiments.zeroshot.parity import REPRODUCED, compare_on_model, reference_config
-from experiments.zeroshot.tasks import resolve_tasks, task_manager
+from experiments.evaluation.zeroshot.parity import REPRODUCED, compare_on_model, reference_config
+from experiments.evaluation.zeroshot.tasks import resolve_tasks, task_manager
 from methods.base import ConfigError
 
 PUBLISHED = {"piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "hellaswag_local": 10042, "winogrande": 1267,
@@ -121,7 +121,7 @@ def test_config_errors_come_before_any_model():
 def test_few_shot_needs_a_training_split_offline(data_dir, monkeypatch):
     from experiments.cli import load_group_option
     from experiments.schema import validate
-    from experiments.zeroshot.stage import plan_tasks
+    from experiments.evaluation.zeroshot.stage import plan_tasks
     from tests.conftest import compose_config
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
