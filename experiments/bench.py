@@ -62,7 +62,7 @@ def bench_gptq(nsamples: int, seqlen: int, batch_size: int) -> None:
     from experiments.data.calibration import CalibrationSpec, calibration_samples
     from experiments.models.loading import ModelSpec, load_model
     from experiments.pipeline import quantize_model
-    from experiments.results import peak_rss_bytes
+    from experiments.records.record import peak_rss_bytes
     from methods.gptq import GPTQ, GPTQConfig
 
     loaded = load_model(ModelSpec(name="smollm2-135m", source="package_gguf", dtype="float32", device="auto"))

@@ -48,7 +48,7 @@ class SweepIndex(Callback):
 
 def write_index(sweep_dir: Path) -> Path | None:
     from experiments.store.cache import atomic_write_bytes
-    from experiments.reporting import load_runs
+    from experiments.records.reporting import load_runs
 
     sweep_dir = Path(sweep_dir).absolute()  # the default output folder is relative
     runs = load_runs([sweep_dir])
@@ -63,7 +63,7 @@ def write_index(sweep_dir: Path) -> Path | None:
 
 def failed_runs(sweep_dir: Path) -> list[tuple[str, str]]:
     """(run directory, error) of every run under the sweep whose record says failed."""
-    from experiments.results import RESULT_FILE, read_result
+    from experiments.records.record import RESULT_FILE, read_result
 
     out = []
     for path in sorted(Path(sweep_dir).glob(f"*/{RESULT_FILE}")):

@@ -81,7 +81,7 @@ def run_from_config(
     A run directory that already holds an ok record of the same configuration and the same data
     (content fingerprints, not paths) is not run again (re-running a sweep resumes it) unless the
     config says `force: true`."""
-    from experiments.results import RunRecord, finished_record, read_result
+    from experiments.records.record import RunRecord, finished_record, read_result
     from experiments.run import execute
 
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -131,8 +131,8 @@ def user_error_message(error: BaseException) -> str | None:
 def app(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
-    from experiments.summary import expected_line, protocol_line, reduced_protocol_note, render, run_rows
-    from experiments.tracking import group_by_sweep
+    from experiments.records.reporting.text import expected_line, protocol_line, reduced_protocol_note, render, run_rows
+    from experiments.records.tracking import group_by_sweep
     from methods.base import ConfigError
 
     signal.signal(signal.SIGTERM, _raise_interrupted)

@@ -24,11 +24,11 @@ from experiments.evaluation.perplexity import perplexity, place_for_eval, releas
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config
 from experiments.pipeline import QuantizationReport, quantize_model
-from experiments.results import RunRecord
+from experiments.records.record import RunRecord
 from experiments.store.shared_inputs import cached_block_inputs, cached_calibration_set, cached_eval_windows
 from experiments.schema import RunConfig
 from experiments.evaluation.statistics import paired_delta
-from experiments.tracking import make_tracker
+from experiments.records.tracking import make_tracker
 from kernels.linear import model_weight_bytes
 from methods import get_method_class
 from methods.base import Method

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from experiments.cli import run_from_config
-from experiments.results import NOT_FINISHED, SCHEMA_VERSION
+from experiments.records.record import NOT_FINISHED, SCHEMA_VERSION
 from methods.base import ConfigError
 from tests.conftest import compose_config
 

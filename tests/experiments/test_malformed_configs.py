@@ -402,12 +402,12 @@ def test_fp16_is_named_for_what_it_is():
 def test_a_full_output_folder_is_a_message(tmp_path, tripwire, capsys, monkeypatch):
     import errno
 
-    import experiments.results
+    import experiments.records.record
 
     def full(path, obj):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(experiments.results, "atomic_write_json", full)
+    monkeypatch.setattr(experiments.records.record, "atomic_write_json", full)
     status, output, err = invoke([*BASE, f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
                                  capsys, monkeypatch)
     assert status == 1 and "Traceback" not in output, output

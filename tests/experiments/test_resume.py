@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.reporting import load_runs
+from experiments.records.reporting import load_runs
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = [

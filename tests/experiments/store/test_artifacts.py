@@ -18,7 +18,7 @@ from experiments.models.quantized import (
     load_quantized_model,
 )
 from experiments.schema import validate
-from experiments.summary import run_rows
+from experiments.records.reporting.text import run_rows
 from methods.base import ConfigError
 from tests.conftest import compose_config
 from tests.experiments.test_cli import TINY

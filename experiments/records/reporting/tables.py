@@ -13,9 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.reporting.metrics import Metric, protocol_text
-from experiments.reporting.records import FP16, ReportError, is_null, warn
-from experiments.summary import render
+from experiments.records.reporting.metrics import Metric, protocol_text
+from experiments.records.reporting.records import FP16, ReportError, is_null, warn
+from experiments.records.reporting.text import render
 
 DEFAULT_ROWS = ["model", "method", "method_options", "group_size"]
 DEFAULT_COLUMNS = ["bits"]

@@ -25,7 +25,7 @@ from experiments.store.cache import atomic_write_json
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
 NOT_FINISHED = "the run did not finish: it was killed, or is still running"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def config_hash(config: dict[str, Any]) -> str:

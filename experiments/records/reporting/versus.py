@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.reporting.records import ReportError, warn
+from experiments.records.reporting.records import ReportError, warn
 from experiments.evaluation.statistics import paired_delta
 
 # Keys two entries must share to be compared, beyond the evaluation protocol.

@@ -5,10 +5,10 @@ import math
 import pytest
 
 from experiments.store.cache import atomic_write_json
-from experiments.report import main
-from experiments.reporting.records import ReportError, load_runs
-from experiments.reporting.versus import versus_table
-from tests.experiments.test_report_records import make_record
+from experiments.records.reporting.cli import main
+from experiments.records.reporting.records import ReportError, load_runs
+from experiments.records.reporting.versus import versus_table
+from tests.experiments.records.reporting.test_report_records import make_record
 
 OURS = [2.0, 2.5, 3.1, 2.2]
 GPTQ = [2.1, 2.7, 3.2, 2.5]

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.results import RESULT_FILE
+from experiments.records.record import RESULT_FILE
 
 FP16 = "fp16"  # the method that quantizes nothing: its rows sit at 16 bits per weight
 

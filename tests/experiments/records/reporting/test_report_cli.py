@@ -5,9 +5,9 @@ import json
 
 import pandas as pd
 
-from experiments import report
+from experiments.records.reporting.cli import main as report_main
 from experiments.store.cache import atomic_write_json
-from tests.experiments.test_report_records import write_run
+from tests.experiments.records.reporting.test_report_records import write_run
 
 
 def make_tree(root):
@@ -21,15 +21,15 @@ def make_tree(root):
 
 def test_report_prints_a_pivot_in_each_format(tmp_path, capsys):
     make_tree(tmp_path)
-    assert report.main([str(tmp_path), "--format", "csv"]) == 0
+    assert report_main([str(tmp_path), "--format", "csv"]) == 0
     out, err = capsys.readouterr()
     table = pd.read_csv(io.StringIO(out))
     assert list(table["method"]) == ["fp16", "gptq", "rtn"]
     assert "W2 ppl" not in table.columns  # the failed run is left out
     assert "skipping unreadable" in err and "broken" in err
-    assert report.main([str(tmp_path)]) == 0
+    assert report_main([str(tmp_path)]) == 0
     assert "| model" in capsys.readouterr().out
-    assert report.main([str(tmp_path), "--format", "latex"]) == 0
+    assert report_main([str(tmp_path), "--format", "latex"]) == 0
     assert "\\begin{tabular}" in capsys.readouterr().out
 
 
@@ -37,7 +37,7 @@ def test_report_options_reach_the_table(tmp_path, capsys):
     make_tree(tmp_path)
     args = [str(tmp_path), "--format", "csv", "--rows", "method,bits", "--columns", "model",
             "--filter", "method=gptq", "--include-failed", "--metric", "ppl_ratio:wikitext2", "--digits", "3"]
-    assert report.main(args) == 0
+    assert report_main(args) == 0
     table = pd.read_csv(io.StringIO(capsys.readouterr().out)).set_index(["method", "bits"])
     assert list(table.index) == [("gptq", "W4"), ("gptq", "W3"), ("gptq", "W2")]
     assert table.loc[("gptq", "W3"), "tiny-llama ppl ratio"] == "2.000 ± 0.020"
@@ -46,7 +46,7 @@ def test_report_options_reach_the_table(tmp_path, capsys):
 
 def test_flat_lists_every_method_entry(tmp_path, capsys):
     make_tree(tmp_path)
-    assert report.main([str(tmp_path), "--flat", "--include-failed", "--format", "csv"]) == 0
+    assert report_main([str(tmp_path), "--flat", "--include-failed", "--format", "csv"]) == 0
     flat = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert len(flat) == 4  # gptq and rtn of one run, two sweep runs
     assert {"ppl_wikitext2", "baseline_ppl_wikitext2", "ppl_ratio_wikitext2_ci_low"} <= set(flat.columns)
@@ -56,23 +56,23 @@ def test_plots_are_written(tmp_path, capsys):
     make_tree(tmp_path)
     for kind, args in [("pareto", []), ("layers", ["--filter", "bits=3"])]:
         out = tmp_path / f"{kind}.png"
-        assert report.main([str(tmp_path), "--plot", kind, str(out), *args]) == 0
+        assert report_main([str(tmp_path), "--plot", kind, str(out), *args]) == 0
         assert out.stat().st_size > 0 and f"wrote {kind} plot" in capsys.readouterr().out
 
 
 def test_report_with_nothing_to_read_says_so(tmp_path, capsys):
-    assert report.main([str(tmp_path)]) == 1
+    assert report_main([str(tmp_path)]) == 1
     assert "no readable result.json" in capsys.readouterr().err
     write_run(tmp_path, "running", status="failed")
-    assert report.main([str(tmp_path)]) == 1
+    assert report_main([str(tmp_path)]) == 1
     assert "none selected (1 from failed or unfinished runs: --include-failed" in capsys.readouterr().err
 
 
 def test_report_errors_are_one_clear_line(tmp_path, capsys):
     make_tree(tmp_path)
-    assert report.main([str(tmp_path), "--metric", "ppl:c4"]) == 1
+    assert report_main([str(tmp_path), "--metric", "ppl:c4"]) == 1
     assert "no 'c4' perplexity in the selected runs (datasets: wikitext2)" in capsys.readouterr().err
-    assert report.main([str(tmp_path), "--plot", "histogram", "x.png"]) == 1
+    assert report_main([str(tmp_path), "--plot", "histogram", "x.png"]) == 1
     assert "expected pareto, layers or bitmap" in capsys.readouterr().err
 
 

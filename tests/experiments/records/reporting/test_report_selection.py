@@ -2,9 +2,9 @@
 
 import pytest
 
-from experiments.reporting.records import ReportError, load_runs
-from experiments.reporting.selection import select
-from tests.experiments.test_report_records import write_run
+from experiments.records.reporting.records import ReportError, load_runs
+from experiments.records.reporting.selection import select
+from tests.experiments.records.reporting.test_report_records import write_run
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 import json
 
 from experiments.cli import run_from_config
-from experiments.tracking import flatten
+from experiments.records.tracking import flatten
 from tests.conftest import compose_config
 from tests.experiments.test_cli import TINY
 
