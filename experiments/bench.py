@@ -61,7 +61,7 @@ def bench_gptq(nsamples: int, seqlen: int, batch_size: int) -> None:
     of the decoder over the same calibration set, and the memory it adds."""
     from experiments.data.calibration import CalibrationSpec, calibration_samples
     from experiments.models.loading import ModelSpec, load_model
-    from experiments.pipeline import quantize_model
+    from experiments.run.pipeline import quantize_model
     from experiments.records.record import peak_rss_bytes
     from methods.gptq import GPTQ, GPTQConfig
 
@@ -110,7 +110,7 @@ def bench_gptq(nsamples: int, seqlen: int, batch_size: int) -> None:
 def bench_quickstart() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "experiment=quickstart"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "experiments.run.cli", "experiment=quickstart"], env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024

@@ -13,7 +13,7 @@ A method is a config dataclass plus one class registered by name:
             for name, linear in block.linears.items():
                 block.commit(name, round_to_nearest(linear.weight, ...), seconds=...)
 
-The driver (experiments/pipeline.py) hands `quantize_block` one decoder block at a time, already
+The driver (experiments/run/pipeline.py) hands `quantize_block` one decoder block at a time, already
 holding that block's calibration inputs; the method reads weights, runs the block with hooks to
 collect statistics, and commits a `QuantizedWeight` for every linear. Class attributes tell the
 driver what the method needs:

@@ -29,7 +29,7 @@ ranges per group; the allocation costs one extra Cholesky per layer.
 The committed format is a `UniformWeight` with `group_bits` (kernels/uniform.py); 1-bit groups use
 its `binary_one_bit` rule (zero + scale * (2 code - 1)), which holds the reference's
 sign(w - z) * delta + z bit for bit. methods/ does no file I/O: a published or saved allocation
-reaches the method as a table through `use_allocation` (experiments/allocation.py reads and
+reaches the method as a table through `use_allocation` (experiments/run/allocation_files.py reads and
 writes the files of `method.allocation` / `method.save_allocation`).
 """
 

@@ -113,11 +113,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from omegaconf import OmegaConf
 
-    from experiments.cli import load_group_option
+    from experiments.run.cli import load_group_option
     from experiments.data.calibration import CalibrationSpec, calibration_samples
     from experiments.models.loading import load_model
-    from experiments.pipeline import quantize_model
-    from experiments.schema import model_spec, validate_method
+    from experiments.run.pipeline import quantize_model
+    from experiments.run.schema import model_spec, validate_method
     from methods.base import get_method_class
 
     def build(name: str, fields: dict[str, object]):

@@ -95,7 +95,7 @@ def _quantlab(overrides: list[str], cache: Path, output: Path, log: Path) -> flo
     start = time.perf_counter()
     with open(log, "w") as handle:
         done = subprocess.run(
-            [sys.executable, "-m", "experiments.cli", *overrides],
+            [sys.executable, "-m", "experiments.run.cli", *overrides],
             cwd=REPO,
             env=env,
             stdout=handle,

@@ -2,7 +2,7 @@
 task accuracy paired with the baseline's on the same items (experiments/evaluation/zeroshot) and KL
 to the baseline's token distributions over the perplexity windows (experiments/evaluation/kl.py).
 
-experiments/run.py calls three things: `plan` before the model loads (bad task names or missing data fail
+experiments/run/flow.py calls three things: `plan` before the model loads (bad task names or missing data fail
 in a second), `compute_baseline` next to the baseline perplexity (everything cached), and, per
 quantized model, `kl_observer` inside its perplexity pass and `evaluate` after it.
 """

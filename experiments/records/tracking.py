@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from experiments.schema import LoggerConfig
+from experiments.run.schema import LoggerConfig
 
 log = logging.getLogger(__name__)
 

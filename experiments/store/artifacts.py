@@ -32,7 +32,7 @@ from experiments.models.quantized import (
     read_quant_config,
     save_quantized_model,
 )
-from experiments.pipeline import LayerRecord, QuantizationReport
+from experiments.run.pipeline import LayerRecord, QuantizationReport
 from experiments.store.shared_inputs import calibration_key
 from kernels.format import WeightFormat
 from methods.base import Method

@@ -23,7 +23,7 @@ from experiments.data.protocols import STREAM_TEXTS, EvalWindows, eval_windows
 from experiments.data.sources import dataset_variant
 from experiments.data.tokenization import tokenizer_name
 from experiments.models.loading import LoadedModel
-from experiments.pipeline import BlockInputs, capture_block_inputs
+from experiments.run.pipeline import BlockInputs, capture_block_inputs
 
 EVAL_WINDOWS_VERSION = 1
 CALIBRATION_VERSION = 1

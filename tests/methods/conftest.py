@@ -2,7 +2,7 @@
 
 `run(hooks, stop_after)` replays stored calibration inputs in chunks of `batch_size` sequences;
 each hooked linear's hook receives the chunk's input as [batch, seqlen, in_features] (the
-BlockView contract, as experiments/pipeline.py does), and the forward stops right after
+BlockView contract, as experiments/run/pipeline.py does), and the forward stops right after
 `stop_after`'s input has been seen. `calls` counts the forwards that
 reached each linear, so tests can check that no compute was wasted.
 """

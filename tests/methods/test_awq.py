@@ -163,7 +163,7 @@ def test_bad_configs_raise_naming_the_knob(overrides, knob):
 
 
 def test_defaults_are_llm_awq_and_the_yaml_matches_the_dataclass():
-    from experiments.schema import validate_method
+    from experiments.run.schema import validate_method
     from tests.conftest import compose_config
 
     cfg = AWQConfig()

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from experiments.models.adapters import architecture_for
-from experiments.pipeline import DecoderBlockView, capture_block_inputs, quantize_model
+from experiments.run.pipeline import DecoderBlockView, capture_block_inputs, quantize_model
 from methods import awq_search
 from methods.awq import AWQ, AWQConfig
 

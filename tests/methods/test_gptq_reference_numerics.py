@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import methods.gptq as gptq_module
-from experiments.pipeline import quantize_model
+from experiments.run.pipeline import quantize_model
 from methods.gptq import GPTQ, GPTQConfig
 from methods.hessian import collect_hessians, input_representatives
 from tests.methods.test_gptq import literal_fasterquant
@@ -281,7 +281,7 @@ def assert_identical(ours: dict[str, LayerResult], theirs: dict[str, LayerResult
 
 
 def test_rechunked_inputs_are_views_of_the_same_sequences():
-    from experiments.pipeline import BlockInputs
+    from experiments.run.pipeline import BlockInputs
 
     hidden = [torch.randn(3, 4, 2), torch.randn(2, 4, 2)]
     mask = [torch.randn(3, 1, 4, 4), torch.randn(2, 1, 4, 4)]

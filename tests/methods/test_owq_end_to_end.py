@@ -3,7 +3,7 @@ the fp16 columns, and the config errors before any model loads."""
 
 import pytest
 
-from experiments.cli import run_from_config
+from experiments.run.cli import run_from_config
 from methods.base import ConfigError
 from tests.conftest import compose_config
 
@@ -69,8 +69,8 @@ def test_owq_config_errors_fail_before_loading(tmp_path):
     ],
 )
 def test_paper_configs_follow_owqs_protocol(experiment, bits, target, n_outliers, tuning):
-    from experiments.cli import load_group_option
-    from experiments.schema import validate
+    from experiments.run.cli import load_group_option
+    from experiments.run.schema import validate
 
     run = validate(compose_config(f"experiment=paper/owq/{experiment}"), load_group_option)
     method = run.method

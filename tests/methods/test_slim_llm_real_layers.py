@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from experiments.data.calibration import CalibrationSpec, calibration_samples
-from experiments.pipeline import DecoderBlockView, capture_block_inputs
+from experiments.run.pipeline import DecoderBlockView, capture_block_inputs
 from methods.hessian import HessianAccumulator
 from methods.slim_llm import (
     KLSearch,

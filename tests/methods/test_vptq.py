@@ -213,8 +213,8 @@ def test_the_bits_quoted_in_the_method_config_are_the_counted_ones():
                                                  ("method.kmeans_init=kmeans", "kmeans_init"),
                                                  ("bits=5", "bits=5")])
 def test_bad_knobs_fail_before_the_model_loads(override, knob):
-    from experiments.cli import load_group_option
-    from experiments.schema import validate
+    from experiments.run.cli import load_group_option
+    from experiments.run.schema import validate
     from tests.conftest import compose_config
 
     with pytest.raises(ConfigError, match=knob):

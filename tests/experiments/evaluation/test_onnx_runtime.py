@@ -4,10 +4,10 @@ evaluation in onnxruntime on the baseline's windows, exact bits read off the qua
 import pytest
 import torch
 
-from experiments.cli import load_group_option, run_from_config
-from experiments.schema import validate
+from experiments.run.cli import load_group_option, run_from_config
+from experiments.run.schema import validate
 from tests.conftest import compose_config
-from tests.experiments.test_cli import TINY
+from tests.experiments.run.test_cli import TINY
 
 pytest.importorskip("onnxruntime", reason="onnxruntime (the `baselines` extra)")
 pytest.importorskip("onnxscript", reason="onnxscript (the `baselines` extra)")
@@ -53,7 +53,7 @@ def test_the_exported_graph_computes_the_torch_model(tmp_path, cache):
 
     from experiments.evaluation import onnx_runtime
     from experiments.models.loading import load_model
-    from experiments.schema import model_spec
+    from experiments.run.schema import model_spec
 
     loaded = load_model(model_spec(load_group_option("model", "tiny-llama")), model_spec(load_group_option("model", "smollm2-135m")))
     path = onnx_runtime.cached_export(loaded.model, loaded.fingerprint, cache)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from experiments.store.cache import computations
-from experiments.cli import run_from_config
+from experiments.run.cli import run_from_config
 from experiments.records.reporting.text import render, run_rows
 from experiments.records.tracking import fidelity_summary
 from tests.conftest import compose_config

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.cli import load_group_option
+from experiments.run.cli import load_group_option
 from experiments.models.quantized import apply_formats, save_quantized_model
-from experiments.schema import model_spec
+from experiments.run.schema import model_spec
 from kernels.uniform import UniformWeight
 from methods.quantizer import Grid
 from methods.rtn import round_to_nearest

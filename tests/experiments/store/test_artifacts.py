@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from experiments.store.cache import read_events
-from experiments.cli import load_group_option, run_from_config
+from experiments.run.cli import load_group_option, run_from_config
 from experiments.models.quantized import (
     EXACT_FILE,
     QUANT_CONFIG_FILE,
@@ -17,11 +17,11 @@ from experiments.models.quantized import (
     load_formats,
     load_quantized_model,
 )
-from experiments.schema import validate
+from experiments.run.schema import validate
 from experiments.records.reporting.text import run_rows
 from methods.base import ConfigError
 from tests.conftest import compose_config
-from tests.experiments.test_cli import TINY
+from tests.experiments.run.test_cli import TINY
 from tests.experiments.store.test_shared_inputs import private_cache
 
 

@@ -7,7 +7,7 @@ measured on SmolLM2 in the README."""
 import pytest
 import torch
 
-from experiments.cli import run_from_config
+from experiments.run.cli import run_from_config
 from experiments.data.protocols import eval_windows
 from experiments.evaluation.perplexity import perplexity
 from experiments.models.adapters import architecture_for

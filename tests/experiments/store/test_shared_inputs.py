@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from experiments.store.cache import cache_root, computations, read_events
-from experiments.cli import run_from_config
+from experiments.run.cli import run_from_config
 from experiments.data.calibration import CalibrationSpec, calibration_set
 from experiments.data.protocols import eval_windows
-from experiments.pipeline import capture_block_inputs, quantize_model
+from experiments.run.pipeline import capture_block_inputs, quantize_model
 from experiments.store.shared_inputs import (
     cached_block_inputs,
     cached_calibration_set,
@@ -19,7 +19,7 @@ from experiments.store.shared_inputs import (
 )
 from methods import get_method_class
 from tests.conftest import compose_config
-from tests.experiments.test_cli import TINY
+from tests.experiments.run.test_cli import TINY
 
 
 def private_cache(tmp_path: Path) -> Path:

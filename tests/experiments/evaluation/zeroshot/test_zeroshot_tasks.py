@@ -100,11 +100,11 @@ def test_auto_prefers_the_local_files_without_the_offline_variables(data_dir, tm
 
 
 def test_config_errors_come_before_any_model():
-    from experiments.schema import validate
+    from experiments.run.schema import validate
     from tests.conftest import compose_config
 
     def check(*overrides):
-        from experiments.cli import load_group_option
+        from experiments.run.cli import load_group_option
 
         return validate(compose_config(*overrides), load_group_option)
 
@@ -119,8 +119,8 @@ def test_config_errors_come_before_any_model():
 
 
 def test_few_shot_needs_a_training_split_offline(data_dir, monkeypatch):
-    from experiments.cli import load_group_option
-    from experiments.schema import validate
+    from experiments.run.cli import load_group_option
+    from experiments.run.schema import validate
     from experiments.evaluation.zeroshot.stage import plan_tasks
     from tests.conftest import compose_config
 

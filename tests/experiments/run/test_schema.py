@@ -7,9 +7,9 @@ import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from experiments.checks import check_run
-from experiments.cli import CONF_DIR, load_group_option
-from experiments.schema import validate
+from experiments.run.checks import check_run
+from experiments.run.cli import CONF_DIR, load_group_option
+from experiments.run.schema import validate
 from methods.base import ConfigError
 from tests.conftest import compose_config
 

@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from experiments.checks import needs_calibration
+from experiments.run.checks import needs_calibration
 from experiments.data.calibration import CALIBRATION_SOURCES, calibration_split
 from experiments.data.local_files import LOCAL_FILES
 from experiments.data.protocols import STREAM_TEXTS
@@ -169,7 +169,7 @@ def check_tasks(run: Any) -> dict[str, str]:
 
 def check_data(run: Any) -> dict[str, str]:
     """Every text and task file the run needs; {purpose: content fingerprint}. Call it with the
-    run's data directory in effect (experiments.run.data_dir_from_config)."""
+    run's data directory in effect (experiments.run.flow.data_dir_from_config)."""
     return {**check_texts(run), **check_tasks(run)}
 
 

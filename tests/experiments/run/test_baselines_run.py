@@ -3,10 +3,10 @@ record, and a saved model that reloads (fake and packed) with the run's perplexi
 
 import pytest
 
-from experiments.cli import run_from_config
+from experiments.run.cli import run_from_config
 from tests.conftest import compose_config
 from tests.experiments.store.test_artifacts import cache, ppl  # noqa: F401, F811  (the private-cache fixture; a record's perplexities)
-from tests.experiments.test_cli import TINY
+from tests.experiments.run.test_cli import TINY
 
 BASE = [t for t in TINY if not t.startswith(("method=", "bits=", "group_size="))]
 

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from experiments.allocation import attach, read_allocation, table_from_layers, write_allocation
-from experiments.cli import run_from_config
+from experiments.run.allocation_files import attach, read_allocation, table_from_layers, write_allocation
+from experiments.run.cli import run_from_config
 from kernels import format_from_packed
 from methods.slim_llm import SliMLLM, SliMLLMConfig
 from tests.conftest import compose_config
-from tests.experiments.test_cli import TINY, isolated_cache  # noqa: F401  (fixture)
+from tests.experiments.run.test_cli import TINY, isolated_cache  # noqa: F401  (fixture)
 
 SLIM = [arg for arg in TINY if not arg.startswith(("method=", "bits=", "group_size=", "eval.ppl.max_windows="))]
 SLIM += ["method=slim_llm", "bits=3", "group_size=16", "eval.ppl.max_windows=4"]  # 4 to 10 groups: a real search
@@ -82,8 +82,8 @@ def test_the_quantization_cache_keys_the_allocation_by_content(tmp_path, tiny_ll
     from types import SimpleNamespace
 
     from experiments.store.artifacts import QuantizedStore
-    from experiments.cli import load_group_option
-    from experiments.schema import validate
+    from experiments.run.cli import load_group_option
+    from experiments.run.schema import validate
 
     path = tmp_path / "alloc.pt"
     run = validate(compose_config(*SLIM, f"method.allocation={path}"), load_group_option)

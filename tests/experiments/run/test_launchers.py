@@ -114,7 +114,7 @@ def test_submitit_local_sweep_runs_in_subprocesses_and_is_reported(tmp_path, cap
 def test_slurm_example_selects_the_submitit_slurm_launcher():
     from hydra import compose, initialize_config_dir
 
-    from experiments.cli import CONF_DIR
+    from experiments.run.cli import CONF_DIR
 
     example = CONF_DIR / "local" / "slurm.example.yaml"
     assert example.is_file()

@@ -2,7 +2,7 @@
 (unknown keys, types, names that become paths), what a method cannot mean (fp16 at 3 bits), the
 device, the shapes of random models, window lengths, and an evaluation that measures something.
 
-Each failure is a ConfigError that names the key and the fix; `experiments.cli` prints it and
+Each failure is a ConfigError that names the key and the fix; `experiments.run.cli` prints it and
 exits 2. `check_top_level` runs inside `schema.validate` (the typed groups need ints there);
 `check_run` runs on the validated `RunConfig`.
 """
@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from methods.base import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # keys a run may carry besides those of conf/config.yaml: `+force=true` redoes finished runs of
 # a sweep, `+skip_invalid=true` runs a sweep's valid jobs and records the invalid ones as failed
 FLAGS = ("force", "skip_invalid")

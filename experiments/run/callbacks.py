@@ -95,7 +95,7 @@ def check_sweep(config: DictConfig) -> list[tuple[list[str], str]]:
     recorded as failed. Returns the invalid jobs with their messages."""
     from hydra import compose
 
-    from experiments.cli import check_config, user_error_message
+    from experiments.run.cli import check_config, user_error_message
 
     try:
         jobs = sweep_jobs(config)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import methods
-from experiments.checks import check_top_level
+from experiments.run.checks import check_top_level
 from experiments.data.calibration import CALIBRATION_DATASETS, SAMPLINGS, CalibrationSpec
 from experiments.data.protocols import EVAL_DATASETS
 from experiments.models.loading import DTYPES, ModelSpec
@@ -229,7 +229,7 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
     except OmegaConfBaseException as error:
         raise ConfigError(f"config does not resolve: {error}") from None
     assert isinstance(resolved, dict)
-    check_top_level(resolved)  # unknown keys, types, names that become paths (experiments/checks.py)
+    check_top_level(resolved)  # unknown keys, types, names that become paths (experiments/run/checks.py)
     model = model_spec(resolved["model"])
     method_name, method = validate_method(resolved["method"])
     calib = _typed(CalibConfig, resolved["calib"], "calib")

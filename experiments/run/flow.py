@@ -1,6 +1,6 @@
 """One run, as data flows (DESIGN.md): load, baseline, calibrate, quantize, evaluate, record.
 
-Everything here is plain Python on a validated `RunConfig`; Hydra stays in experiments/cli.py.
+Everything here is plain Python on a validated `RunConfig`; Hydra stays in experiments/run/cli.py.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from typing import Any
 
 import torch
 
-from experiments import allocation
+from experiments.run import allocation_files
 from experiments.store.artifacts import QuantizedStore, consistency_gate
 from experiments.store.cache import Cache
 from experiments.evaluation import zeroshot_and_kl
 from experiments.evaluation.perplexity import perplexity, place_for_eval, release_from_eval
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config
-from experiments.pipeline import QuantizationReport, quantize_model
+from experiments.run.pipeline import QuantizationReport, quantize_model
 from experiments.records.record import RunRecord
 from experiments.store.shared_inputs import cached_block_inputs, cached_calibration_set, cached_eval_windows
-from experiments.schema import RunConfig
+from experiments.run.schema import RunConfig
 from experiments.evaluation.statistics import paired_delta
 from experiments.records.tracking import make_tracker
 from kernels.linear import model_weight_bytes
@@ -241,7 +241,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         random.seed(run.seed)
         torch.manual_seed(run.seed)
         method = get_method_class(run.method_name)(run.method)
-        allocation.attach(method)  # method.allocation (SliM-LLM): read before the model loads
+        allocation_files.attach(method)  # method.allocation (SliM-LLM): read before the model loads
         tasks = zeroshot_and_kl.plan(run)  # unknown tasks or missing task data fail before the model loads
         base_spec, tokenizer_spec = run.model, run.tokenizer_model
         if run.model.source == "quantized":  # evaluate a saved quantized model: its base model and method
@@ -278,7 +278,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         result = _quantize_and_evaluate(loaded, method, run, sets, baseline, calibration, progress, extras, run_dir,
                                         export=True)
         timings.update(result.pop("timings"))
-        allocation.save(method, result["layers"])  # method.save_allocation (SliM-LLM)
+        allocation_files.save(method, result["layers"])  # method.save_allocation (SliM-LLM)
         if (items := result.pop("_items")) is not None:
             zeroshot_and_kl.write_items(run_dir, f"{run.method_name} W{run.bits} g{run.group_size}", items)
         record.data.update(result)
@@ -292,7 +292,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
             loaded = model = None  # one model in memory at a time: reload a fresh full-precision copy
             loaded = load_model(base_spec, tokenizer_spec, cache_dir=run.paths.cache_path)
             other = get_method_class(name)(config_)
-            allocation.attach(other)
+            allocation_files.attach(other)
             result = _quantize_and_evaluate(loaded, other, run, sets, baseline, calibration, progress, extras, run_dir)
             if (items := result.pop("_items")) is not None:
                 zeroshot_and_kl.write_items(run_dir, f"{name} W{config_.bits} g{config_.group_size}", items)

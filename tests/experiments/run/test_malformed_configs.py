@@ -1,7 +1,7 @@
 """The malformed-config table: every bad input stops before the model loads, with a non-zero exit,
 no traceback and a message that names the bad key or file.
 
-Each case runs the real CLI entry point (`experiments.cli.app`, Hydra included) in this process,
+Each case runs the real CLI entry point (`experiments.run.cli.app`, Hydra included) in this process,
 with `load_model` replaced by a tripwire, so the table of 80-odd cases costs seconds, not a
 Python start and a model load each. A case passes when the exit status is non-zero, neither
 stream holds a traceback, stderr names the key or file (`needle`), the tripwire never fired and
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-import experiments.cli as cli
+import experiments.run.cli as cli
 import experiments.models.loading as loading
-import experiments.run as run_module
+import experiments.run.flow as run_module
 
 BASE = [
     "model=tiny-llama", "method=rtn", "calib=pydocs", "calib.nsamples=2",

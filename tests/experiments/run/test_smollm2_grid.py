@@ -7,7 +7,7 @@ import torch
 
 from experiments.data.protocols import eval_windows
 from experiments.evaluation.perplexity import perplexity
-from experiments.pipeline import quantize_model
+from experiments.run.pipeline import quantize_model
 from methods.rtn import RTN, RTNConfig
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,7 @@ SWEEP = [
 def sweep(tmp_path: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", QUANTLAB_OUTPUT_DIR=str(tmp_path / "out"))
     return subprocess.Popen(
-        [sys.executable, "-m", "experiments.cli", *SWEEP, *extra, f"paths.cache_dir={tmp_path / 'cache'}"],
+        [sys.executable, "-m", "experiments.run.cli", *SWEEP, *extra, f"paths.cache_dir={tmp_path / 'cache'}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
 

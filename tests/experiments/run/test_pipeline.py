@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from experiments.pipeline import DecoderBlockView, capture_block_inputs, quantize_model
+from experiments.run.pipeline import DecoderBlockView, capture_block_inputs, quantize_model
 from methods.fp16 import FP16Config, FullPrecision
 from methods.quantizer import Grid
 from methods.rtn import RTN, RTNConfig, round_to_nearest

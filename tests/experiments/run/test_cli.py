@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.cli import run_from_config
+from experiments.run.cli import run_from_config
 from experiments.records.record import NOT_FINISHED, SCHEMA_VERSION
 from methods.base import ConfigError
 from tests.conftest import compose_config
@@ -89,7 +89,7 @@ def test_config_error_leaves_a_failed_record(tmp_path):
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "experiments.cli", *overrides, f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "experiments.run.cli", *overrides, f"hydra.run.dir={tmp_path}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -171,8 +171,8 @@ def test_sweep_run_directories_stay_flat_when_an_override_holds_a_slash():
     """`experiment=smollm2/gptq_vs_rtn` in a sweep names one directory, not two nested ones."""
     from omegaconf import OmegaConf
 
-    import experiments.cli  # noqa: F401  registers the path_safe resolver
+    import experiments.run.cli  # noqa: F401  registers the path_safe resolver
 
     resolve = OmegaConf.create({"d": "${path_safe:'experiment=smollm2/gptq_vs_rtn,method=awq'}"})
     assert resolve.d == "experiment=smollm2-gptq_vs_rtn,method=awq"
-    assert "path_safe" in (Path(experiments.cli.CONF_DIR) / "config.yaml").read_text()
+    assert "path_safe" in (Path(experiments.run.cli.CONF_DIR) / "config.yaml").read_text()

@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Sweep run directories are named by their overrides; `experiment=smollm2/gptq_vs_rtn` must not
 # become two nested directories. Registered at import, so launcher workers (joblib, submitit)
 # that unpickle this module's task function have it too.
@@ -60,12 +60,12 @@ def _task_overrides() -> list[str] | None:
 
 def check_config(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[Any, dict[str, str]]:
     """Everything checked before a model loads: the typed groups (schema.validate), the rest of
-    the config (experiments/checks.py) and every data file the run reads (experiments/preflight.py).
+    the config (experiments/run/checks.py) and every data file the run reads (experiments/run/preflight.py).
     Returns the validated RunConfig and the content fingerprints of its data."""
-    from experiments.checks import check_run
-    from experiments.preflight import check_data
-    from experiments.run import data_dir_from_config
-    from experiments.schema import validate
+    from experiments.run.checks import check_run
+    from experiments.run.preflight import check_data
+    from experiments.run.flow import data_dir_from_config
+    from experiments.run.schema import validate
 
     run = validate(cfg, load_group_option)
     check_run(run, overrides)
@@ -82,7 +82,7 @@ def run_from_config(
     (content fingerprints, not paths) is not run again (re-running a sweep resumes it) unless the
     config says `force: true`."""
     from experiments.records.record import RunRecord, finished_record, read_result
-    from experiments.run import execute
+    from experiments.run.flow import execute
 
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
@@ -146,7 +146,7 @@ def app(cfg: DictConfig) -> float | None:
         message = user_error_message(error)
         if message is None:
             raise  # a bug: its traceback is what helps
-        from experiments.preflight import DataError
+        from experiments.run.preflight import DataError
 
         kind = "error"
         if isinstance(error, ConfigError):
