@@ -42,13 +42,14 @@ test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# `make bench` is the evaluator / GPTQ benchmark; `make bench BENCH=method_cost` (kernels, sweep_cost, zeroshot_cost,
-# zeroshot_parity) runs experiments/benchmarks/<BENCH>.py instead. Each prints its figures.
-BENCH ?=
+# `make bench` runs experiments/benchmarks/<BENCH>.py, by default `evaluator` (the evaluator / GPTQ
+# benchmark); `make bench BENCH=method_cost` (kernels, sweep_cost, zeroshot_cost, zeroshot_parity) runs
+# another. Each prints its figures.
+BENCH ?= evaluator
 bench: setup
 	QUANTLAB_DATA_DIR=$${QUANTLAB_DATA_DIR:-$(abspath ../shared/data)} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	WANDB_MODE=$${WANDB_MODE:-offline} \
-		$(BIN)/python -m $(if $(BENCH),experiments.benchmarks.$(BENCH),experiments.bench) $(BENCH_ARGS)
+		$(BIN)/python -m experiments.benchmarks.$(BENCH) $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check methods experiments kernels tests

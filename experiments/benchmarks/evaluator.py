@@ -61,8 +61,8 @@ def bench_gptq(nsamples: int, seqlen: int, batch_size: int) -> None:
     of the decoder over the same calibration set, and the memory it adds."""
     from experiments.data.calibration import CalibrationSpec, calibration_samples
     from experiments.models.loading import ModelSpec, load_model
-    from experiments.run.pipeline import quantize_model
     from experiments.records.record import peak_rss_bytes
+    from experiments.run.pipeline import quantize_model
     from methods.gptq import GPTQ, GPTQConfig
 
     loaded = load_model(ModelSpec(name="smollm2-135m", source="package_gguf", dtype="float32", device="auto"))
@@ -122,7 +122,7 @@ def bench_quickstart() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.evaluator", description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=1)
