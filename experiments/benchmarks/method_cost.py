@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from omegaconf import OmegaConf
 
-    from experiments.run.cli import load_group_option
     from experiments.data.calibration import CalibrationSpec, calibration_samples
     from experiments.models.loading import load_model
+    from experiments.run.cli import load_group_option
     from experiments.run.pipeline import quantize_model
     from experiments.run.schema import model_spec, validate_method
     from methods.base import get_method_class

@@ -27,16 +27,16 @@ def main() -> None:
     parser.add_argument("--skip-tasks", action="store_true")
     args = parser.parse_args()
 
-    from experiments.run.cli import load_group_option
     from experiments.data.protocols import eval_windows
     from experiments.data.sources import data_dir
-    from experiments.evaluation.perplexity import perplexity
     from experiments.evaluation.kl import KLAccumulator, TopKRecorder
-    from experiments.models.loading import load_model
-    from experiments.run.pipeline import quantize_model
-    from experiments.run.schema import model_spec
+    from experiments.evaluation.perplexity import perplexity
     from experiments.evaluation.zeroshot.runner import evaluate_tasks
     from experiments.evaluation.zeroshot.tasks import resolve_tasks
+    from experiments.models.loading import load_model
+    from experiments.run.cli import load_group_option
+    from experiments.run.pipeline import quantize_model
+    from experiments.run.schema import model_spec
     from methods.rtn import RTN, RTNConfig
 
     loaded = load_model(model_spec(load_group_option("model", "smollm2-135m")))

@@ -19,11 +19,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     args = parser.parse_args()
 
-    from experiments.run.cli import load_group_option
     from experiments.data.sources import data_dir
-    from experiments.models.loading import load_model
-    from experiments.run.schema import model_spec
     from experiments.evaluation.zeroshot.parity import compare_on_model
+    from experiments.models.loading import load_model
+    from experiments.run.cli import load_group_option
+    from experiments.run.schema import model_spec
 
     loaded = load_model(model_spec(load_group_option("model", "smollm2-135m")))
     start = time.perf_counter()

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.store.cache import build_dir_once, key_hash
 from experiments.evaluation.perplexity import LOGIT_SLICE, summarize
-from experiments.run.pipeline import LayerRecord
 from experiments.evaluation.statistics import paired_delta
+from experiments.run.pipeline import LayerRecord
+from experiments.store.cache import build_dir_once, key_hash
 
 EXPORT_FILE = "model.onnx"
 REQUIRED = ("onnxruntime", "onnx", "onnxscript")  # onnxscript: torch's dynamo ONNX exporter
@@ -234,7 +234,8 @@ def _session(path: Path) -> Any:
 
 def quantize_and_evaluate(loaded: Any, method: Any, run: Any, sets: dict[str, Any], baseline: dict[str, dict],
                           calibration: Any) -> dict[str, Any]:
-    """The record fields of one onnx_int8 method entry (the shape experiments/run/flow.py's _quantize_and_evaluate returns)."""
+    """The record fields of one onnx_int8 method entry (the shape `_quantize_and_evaluate` of
+    experiments/run/flow.py returns)."""
     import onnx
     import onnxruntime
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.models.adapters import Architecture
 from experiments.evaluation.statistics import t_quantile_975
+from experiments.models.adapters import Architecture
 
 LOGIT_SLICE = 512  # positions per lm_head call: bounds the fp32 logits memory
 Observer = Callable[[int, int, torch.Tensor], None]  # (first window of the batch, first position, log-probs)

@@ -2,9 +2,9 @@
 task accuracy paired with the baseline's on the same items (experiments/evaluation/zeroshot) and KL
 to the baseline's token distributions over the perplexity windows (experiments/evaluation/kl.py).
 
-experiments/run/flow.py calls three things: `plan` before the model loads (bad task names or missing data fail
-in a second), `compute_baseline` next to the baseline perplexity (everything cached), and, per
-quantized model, `kl_observer` inside its perplexity pass and `evaluate` after it.
+experiments/run/flow.py calls three things: `plan` before the model loads (bad task names or
+missing data fail in a second), `compute_baseline` next to the baseline perplexity (everything
+cached), and, per quantized model, `kl_observer` inside its perplexity pass and `evaluate` after it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.store.cache import Cache, atomic_write_json
 from experiments.evaluation.kl import KLAccumulator, TopKSummary, baseline_summary, kl_windows
 from experiments.evaluation.zeroshot.stage import (
     baseline_as_quantized,
@@ -25,6 +24,7 @@ from experiments.evaluation.zeroshot.stage import (
     task_protocol,
 )
 from experiments.evaluation.zeroshot.tasks import ResolvedTask
+from experiments.store.cache import Cache, atomic_write_json
 
 ITEMS_FILE = "zeroshot_items.json"
 

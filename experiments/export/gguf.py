@@ -107,8 +107,8 @@ def rotary_rows(out_features: int, n_head: int) -> torch.Tensor:
 
 def source_gguf(saved: SavedModel) -> tuple[Path | None, bool]:
     """(the GGUF file the saved model's tokenizer came from, whether it is also its base model)."""
-    from experiments.store.cache import file_sha256
     from experiments.models.loading import package_gguf_path
+    from experiments.store.cache import file_sha256
 
     base = saved.quantization.get("base_model") or {}
     for spec, is_base in ((base.get("spec"), True), (base.get("tokenizer_spec"), False)):

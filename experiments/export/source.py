@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from experiments.store.artifacts import SAVED_DIR
 from experiments.export.layout import ExportRefused, Layout, layout_of
 from experiments.models.quantized import (
     QUANT_CONFIG_FILE,
@@ -20,6 +19,7 @@ from experiments.models.quantized import (
     load_formats,
     read_quant_config,
 )
+from experiments.store.artifacts import SAVED_DIR
 from kernels.format import WeightFormat
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",

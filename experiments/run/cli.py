@@ -63,8 +63,8 @@ def check_config(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[A
     the config (experiments/run/checks.py) and every data file the run reads (experiments/run/preflight.py).
     Returns the validated RunConfig and the content fingerprints of its data."""
     from experiments.run.checks import check_run
-    from experiments.run.preflight import check_data
     from experiments.run.flow import data_dir_from_config
+    from experiments.run.preflight import check_data
     from experiments.run.schema import validate
 
     run = validate(cfg, load_group_option)
@@ -131,7 +131,13 @@ def user_error_message(error: BaseException) -> str | None:
 def app(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
-    from experiments.records.reporting.text import expected_line, protocol_line, reduced_protocol_note, render, run_rows
+    from experiments.records.reporting.text import (
+        expected_line,
+        protocol_line,
+        reduced_protocol_note,
+        render,
+        run_rows,
+    )
     from experiments.records.tracking import group_by_sweep
     from methods.base import ConfigError
 

@@ -16,19 +16,19 @@ from typing import Any
 
 import torch
 
-from experiments.run import allocation_files
-from experiments.store.artifacts import QuantizedStore, consistency_gate
-from experiments.store.cache import Cache
 from experiments.evaluation import zeroshot_and_kl
 from experiments.evaluation.perplexity import perplexity, place_for_eval, release_from_eval
+from experiments.evaluation.statistics import paired_delta
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config
-from experiments.run.pipeline import QuantizationReport, quantize_model
 from experiments.records.record import RunRecord
-from experiments.store.shared_inputs import cached_block_inputs, cached_calibration_set, cached_eval_windows
-from experiments.run.schema import RunConfig
-from experiments.evaluation.statistics import paired_delta
 from experiments.records.tracking import make_tracker
+from experiments.run import allocation_files
+from experiments.run.pipeline import QuantizationReport, quantize_model
+from experiments.run.schema import RunConfig
+from experiments.store.artifacts import QuantizedStore, consistency_gate
+from experiments.store.cache import Cache
+from experiments.store.shared_inputs import cached_block_inputs, cached_calibration_set, cached_eval_windows
 from kernels.linear import model_weight_bytes
 from methods import get_method_class
 from methods.base import Method

@@ -16,11 +16,11 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from experiments.run.checks import needs_calibration
 from experiments.data.calibration import CALIBRATION_SOURCES, calibration_split
 from experiments.data.local_files import LOCAL_FILES
 from experiments.data.protocols import STREAM_TEXTS
 from experiments.data.sources import DatasetNotFound, data_dir, resolve_rows
+from experiments.run.checks import needs_calibration
 from methods.base import ConfigError
 
 # Tokens never outnumber the text's UTF-8 bytes (byte-level BPE; byte fallback), plus the few

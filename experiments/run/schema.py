@@ -15,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import methods
-from experiments.run.checks import check_top_level
 from experiments.data.calibration import CALIBRATION_DATASETS, SAMPLINGS, CalibrationSpec
 from experiments.data.protocols import EVAL_DATASETS
 from experiments.models.loading import DTYPES, ModelSpec
+from experiments.run.checks import check_top_level
 from methods.base import ConfigError, MethodConfig
 
 MODEL_SOURCES = ("hub", "local", "gguf", "package_gguf", "random", "quantized")

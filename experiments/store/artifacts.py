@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.store.cache import Cache, _canonical, build_dir_once, file_sha256, key_hash, log_event
 from experiments.models.loading import LoadedModel
 from experiments.models.quantized import (
     WEIGHTS_FILE,
@@ -33,6 +32,7 @@ from experiments.models.quantized import (
     save_quantized_model,
 )
 from experiments.run.pipeline import LayerRecord, QuantizationReport
+from experiments.store.cache import Cache, _canonical, build_dir_once, file_sha256, key_hash, log_event
 from experiments.store.shared_inputs import calibration_key
 from kernels.format import WeightFormat
 from methods.base import Method

@@ -7,9 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from experiments.store.cache import Cache
 from experiments.data.sources import data_dir
 from experiments.evaluation.statistics import task_delta
+from experiments.store.cache import Cache
 from methods.base import ConfigError
 
 from .runner import evaluate_tasks

@@ -21,13 +21,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments.records.record import RESULT_FILE
 from experiments.records.reporting.metrics import parse_metric
 from experiments.records.reporting.plots import bitmap_plot, layers_plot, pareto_plot
 from experiments.records.reporting.records import FP16, ReportError, load_layers, load_runs, warn
 from experiments.records.reporting.selection import select
 from experiments.records.reporting.tables import DEFAULT_COLUMNS, DEFAULT_ROWS, pivot, render_flat
 from experiments.records.reporting.versus import MATCH_KEYS, format_versus, versus_table
-from experiments.records.record import RESULT_FILE
 
 
 def _keys(text: str) -> list[str]:

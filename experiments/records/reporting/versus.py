@@ -19,8 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.records.reporting.records import ReportError, warn
 from experiments.evaluation.statistics import paired_delta
+from experiments.records.reporting.records import ReportError, warn
 
 # Keys two entries must share to be compared, beyond the evaluation protocol.
 MATCH_KEYS = ["model", "calib_dataset", "calib_nsamples", "calib_seqlen", "calib_seed", "bits", "group_size"]

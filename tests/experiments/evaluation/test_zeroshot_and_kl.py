@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from experiments.store.cache import computations
-from experiments.run.cli import run_from_config
 from experiments.records.reporting.text import render, run_rows
 from experiments.records.tracking import fidelity_summary
+from experiments.run.cli import run_from_config
+from experiments.store.cache import computations
 from tests.conftest import compose_config
 
 TINY = [

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.run.cli import load_group_option
 from experiments.models.quantized import apply_formats, save_quantized_model
+from experiments.run.cli import load_group_option
 from experiments.run.schema import model_spec
 from kernels.uniform import UniformWeight
 from methods.quantizer import Grid

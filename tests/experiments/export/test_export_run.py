@@ -8,13 +8,13 @@ import sys
 import pytest
 import torch
 
-from experiments.run.cli import run_from_config
 from experiments.export.cli import main as export_main
 from experiments.export.readers import read_compressed_tensors, read_gptq
 from experiments.models.quantized import load_formats
+from experiments.run.cli import run_from_config
 from tests.conftest import REPO, compose_config
-from tests.experiments.store.test_artifacts import cache  # noqa: F401  (fixture)
 from tests.experiments.run.test_cli import TINY
+from tests.experiments.store.test_artifacts import cache  # noqa: F401  (fixture)
 
 
 def test_a_run_exports_its_quantized_model(tmp_path, cache, data_dir):  # noqa: F811

@@ -1,7 +1,7 @@
 import json
 
-from experiments.run.cli import run_from_config
 from experiments.records.tracking import flatten
+from experiments.run.cli import run_from_config
 from tests.conftest import compose_config
 from tests.experiments.run.test_cli import TINY
 

@@ -5,8 +5,8 @@ import pytest
 
 from experiments.run.cli import run_from_config
 from tests.conftest import compose_config
-from tests.experiments.store.test_artifacts import cache, ppl  # noqa: F401, F811  (the private-cache fixture; a record's perplexities)
 from tests.experiments.run.test_cli import TINY
+from tests.experiments.store.test_artifacts import cache, ppl  # noqa: F401, F811  (the private-cache fixture; a record's perplexities)
 
 BASE = [t for t in TINY if not t.startswith(("method=", "bits=", "group_size="))]
 

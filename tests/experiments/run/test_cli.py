@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.run.cli import run_from_config
 from experiments.records.record import NOT_FINISHED, SCHEMA_VERSION
+from experiments.run.cli import run_from_config
 from methods.base import ConfigError
 from tests.conftest import compose_config
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 
-from experiments.store.cache import computations, read_events
-from experiments.records.reporting.cli import main as report_main
 from experiments.records.reporting import load_runs, pareto_plot, parse_metric
+from experiments.records.reporting.cli import main as report_main
 from experiments.records.reporting.plots import BITS_AXIS_LABEL
+from experiments.store.cache import computations, read_events
 from tests.conftest import run_quantlab
 from tests.experiments.store.test_shared_inputs import kinds, private_cache
 

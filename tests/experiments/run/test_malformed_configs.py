@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-import experiments.run.cli as cli
 import experiments.models.loading as loading
+import experiments.run.cli as cli
 import experiments.run.flow as run_module
 
 BASE = [

@@ -81,9 +81,9 @@ def test_the_quantization_cache_keys_the_allocation_by_content(tmp_path, tiny_ll
     """Rewriting an allocation file in place must not reuse weights quantized with the old one."""
     from types import SimpleNamespace
 
-    from experiments.store.artifacts import QuantizedStore
     from experiments.run.cli import load_group_option
     from experiments.run.schema import validate
+    from experiments.store.artifacts import QuantizedStore
 
     path = tmp_path / "alloc.pt"
     run = validate(compose_config(*SLIM, f"method.allocation={path}"), load_group_option)

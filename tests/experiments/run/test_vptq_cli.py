@@ -3,13 +3,13 @@ model reloads to the same perplexity (the centroids are fp16 before the pass: no
 
 import pytest
 
-from experiments.run.cli import run_from_config
 from experiments.models.quantized import EXACT_FILE, WEIGHTS_FILE, files_are_intact, load_formats
+from experiments.run.cli import run_from_config
 from kernels import CodebookWeight
 from methods.vptq import VPTQConfig, layer_bits
 from tests.conftest import compose_config
-from tests.experiments.store.test_artifacts import cache, ppl  # noqa: F401  (fixture)
 from tests.experiments.run.test_cli import TINY
+from tests.experiments.store.test_artifacts import cache, ppl  # noqa: F401  (fixture)
 
 # 2 bits of indices (v4 k256 would be too many centroids for 64-wide layers): v3 k64, few iterations.
 VPTQ_TINY = [

@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.store.cache import read_events
-from experiments.run.cli import load_group_option, run_from_config
 from experiments.models.quantized import (
     EXACT_FILE,
     QUANT_CONFIG_FILE,
@@ -17,8 +15,10 @@ from experiments.models.quantized import (
     load_formats,
     load_quantized_model,
 )
-from experiments.run.schema import validate
 from experiments.records.reporting.text import run_rows
+from experiments.run.cli import load_group_option, run_from_config
+from experiments.run.schema import validate
+from experiments.store.cache import read_events
 from methods.base import ConfigError
 from tests.conftest import compose_config
 from tests.experiments.run.test_cli import TINY

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from experiments.store.cache import cache_root, computations, read_events
-from experiments.run.cli import run_from_config
 from experiments.data.calibration import CalibrationSpec, calibration_set
 from experiments.data.protocols import eval_windows
+from experiments.run.cli import run_from_config
 from experiments.run.pipeline import capture_block_inputs, quantize_model
+from experiments.store.cache import cache_root, computations, read_events
 from experiments.store.shared_inputs import (
     cached_block_inputs,
     cached_calibration_set,

@@ -119,9 +119,9 @@ def test_config_errors_come_before_any_model():
 
 
 def test_few_shot_needs_a_training_split_offline(data_dir, monkeypatch):
+    from experiments.evaluation.zeroshot.stage import plan_tasks
     from experiments.run.cli import load_group_option
     from experiments.run.schema import validate
-    from experiments.evaluation.zeroshot.stage import plan_tasks
     from tests.conftest import compose_config
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

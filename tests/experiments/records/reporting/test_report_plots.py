@@ -80,8 +80,8 @@ def test_layers_plot_refuses_a_whole_sweep(sweep, tmp_path):
 
 
 def test_bitmap_plot_shows_each_groups_width(tmp_path):
-    from experiments.store.cache import atomic_write_json
     from experiments.records.reporting.plots import bitmap_plot
+    from experiments.store.cache import atomic_write_json
     from tests.experiments.records.reporting.test_report_records import make_record
 
     record = make_record(method="slim_llm", bits=2)

@@ -120,8 +120,8 @@ def test_numbers_stay_readable_at_every_scale():
 
 def test_method_variants_get_their_own_rows(tmp_path):
     """The literature's two RTNs are different rows, never one cell."""
-    from experiments.store.cache import atomic_write_json
     from experiments.records.record import config_hash
+    from experiments.store.cache import atomic_write_json
     from tests.experiments.records.reporting.test_report_records import make_record
 
     for zero_in_range, ppl in ((True, 30.0), (False, 20.0)):
