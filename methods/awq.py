@@ -100,6 +100,7 @@ def _sync(device: torch.device) -> None:
 class AWQ(Method):
     config_class = AWQConfig
     propagation = "float"
+    folds_scales = True
 
     @torch.no_grad()
     def quantize_block(self, block: BlockView) -> None:

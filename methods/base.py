@@ -27,6 +27,11 @@ driver what the method needs:
   experiments/ instead of calling `quantize_block`, which such a method never implements.
 - `sequences_per_forward`: None (the driver's calibration batch) or a number of sequences per block
   forward, where the summation order matters (GPTQ's `reference_numerics`: 1, as the reference).
+- `folds_scales`: True for methods that rescale a scaling group's linears and the op before them
+  together (AWQ, SmoothQuant): per-module rules may not split such a group.
+
+Per-module rules (experiments/run/module_rules.py) hand a method a view of part of a block (some
+of its linears, the groups cut to them): a method quantizes what `block.linears` holds, no more.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class Method(ABC):
     propagation: ClassVar[Literal["quantized", "float"]] = "quantized"
     runtime: ClassVar[str | None] = None
     sequences_per_forward: int | None = None
+    folds_scales: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

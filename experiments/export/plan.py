@@ -24,8 +24,10 @@ def _layouts(run: Any) -> dict[str, Layout]:
 
         layers = read_quant_config(Path(run.model.path).expanduser())["layers"]
         return {name: layout_of_meta(meta) for name, meta in layers.items()}
-    layout = predicted_layout(run.method_name, run.method)
-    return {} if layout is None else {f"method={run.method_name}": layout}
+    configs = {f"method={run.method_name}": run.method}
+    configs.update({f"modules[{r.index}]": r.config for r in getattr(run, "modules", []) if not r.skip})
+    layouts = {name: predicted_layout(run.method_name, config) for name, config in configs.items()}
+    return {name: layout for name, layout in layouts.items() if layout is not None}
 
 
 def _model_type(spec: Any) -> str | None:
@@ -84,6 +86,11 @@ def check_export(run: Any) -> None:
             raise ConfigError(f"export.path={export.path} is set but no format: add export=<format> "
                               "(compressed-tensors, gptq, awq, gguf)")
         return
+    if getattr(run, "modules", None) and export.format != "gguf":
+        raise ConfigError(
+            f"export={export.format}: the modules rules give linears different schemes or leave some in full "
+            "precision, and this format is written here with one scheme for every linear: export gguf (a type "
+            "per tensor) or drop modules")
     for name, layout in _layouts(run).items():
         why = refusal(export.format, layout)
         if why is not None:

@@ -24,6 +24,7 @@ from experiments.models.quantized import apply_formats, read_quant_config
 from experiments.records.record import RunRecord
 from experiments.records.tracking import make_tracker
 from experiments.run import allocation_files
+from experiments.run import module_rules
 from experiments.run.pipeline import QuantizationReport, quantize_model
 from experiments.run.schema import RunConfig
 from experiments.store.artifacts import QuantizedStore, consistency_gate
@@ -162,7 +163,7 @@ def _quantize_and_evaluate(
         inputs, inputs_s = calibration.block_inputs(loaded) if method.needs_calibration else (None, 0.0)
         report = quantize_model(
             model, arch, method, calib_ids, loaded.device, run.calib.batch_size, progress=progress,
-            block_inputs=inputs,
+            block_inputs=inputs, rules=store.rules,
         )
         timings = {"quantize_s": time.perf_counter() - start}
         if inputs is not None:
@@ -221,6 +222,7 @@ def _quantize_and_evaluate(
         **({"quantized_model": quantized_model} if quantized_model else {}),
         **({"export": exported} if exported else {}),
         "layers": [r.as_dict() for r in report.layers],
+        **({"module_rules": module_rules.summary(store.rules, report.layers, report.skipped)} if store.rules else {}),
         "avg_bits": report.avg_bits if report.layers else 16.0,
         **sizes,
         "metrics": {"ppl": metrics, **({"kl": kl} if kl else {}),
@@ -261,6 +263,9 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
                 f"{base_spec.name!r} now loads as {loaded.fingerprint}; the saved weights do not belong to it"
             )
         timings["load_s"] = loaded.load_seconds
+        # module rules against the model's real linears, before the baseline or calibration
+        for name, rules in [(run.method_name, run.modules), *run.comparison_modules.items()]:
+            module_rules.check_model(rules, loaded.architecture, loaded.model, get_method_class(name))
         model = loaded.model
         record.data["model"] = {
             "name": base_spec.name, "fingerprint": loaded.fingerprint, "model_type": model.config.model_type,

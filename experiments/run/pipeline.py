@@ -22,8 +22,9 @@ from torch import nn
 from experiments.models.adapters import Architecture
 from kernels import QuantizedWeight
 from kernels.format import WeightFormat
+from experiments.run.module_rules import RUN_WIDE, SKIPPED_BITS, ModuleRule, segments
 from methods.base import Method
-from methods.block import LinearHook, ModuleCall
+from methods.block import LinearHook, ModuleCall, ScalingGroup
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,14 @@ class QuantizationReport:
     # packed evaluation backend are made of (kernels/).
     formats: dict[str, WeightFormat] = field(default_factory=dict)
 
+    skipped: dict[str, tuple[int, int]] = field(default_factory=dict)  # linears a module rule left alone: shape
+
     @property
     def avg_bits(self) -> float | None:
-        numel = sum(r.shape[0] * r.shape[1] for r in self.layers)
-        return sum(r.storage_bits for r in self.layers) / numel if numel else None
+        """Storage bits per weight over every decoder linear, a skipped one at 16 bits (fp16)."""
+        skipped = sum(rows * cols for rows, cols in self.skipped.values())
+        numel = sum(r.shape[0] * r.shape[1] for r in self.layers) + skipped
+        return (sum(r.storage_bits for r in self.layers) + SKIPPED_BITS * skipped) / numel if numel else None
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -315,6 +320,46 @@ class DecoderBlockView:
         )
 
 
+class SegmentView:
+    """A block seen through one segment of the module rules (experiments/run/module_rules.py): only
+    the segment's linears, the sequential and scaling groups cut to them; a pass of any segment but
+    the block's last quantized one never ends the block's passes (`last_pass` is dropped)."""
+
+    def __init__(self, view: DecoderBlockView, names: list[str], last: bool) -> None:
+        self._view, self._last = view, last
+        self.linears = {name: view.linears[name] for name in names}
+        groups = [[n for n in group if n in self.linears] for group in view.sequential_groups]
+        self.sequential_groups = [g for g in groups if g]
+        self.scaling_groups = [
+            ScalingGroup(g.prev_op, tuple(n for n in g.linears if n in self.linears), g.inspect)
+            for g in view.scaling_groups if any(n in self.linears for n in g.linears)
+        ]
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._view, attr)
+
+    def run(self, hooks: Mapping[str, LinearHook] | None = None, stop_after: str | None = None,
+            last_pass: bool = False) -> None:
+        self._view.run(hooks, stop_after, last_pass and self._last)
+
+
+def _quantize_segments(view: DecoderBlockView, method: Method, rules: list[ModuleRule],
+                       methods: dict[int, Method], skipped: dict[str, tuple[int, int]]) -> None:
+    """Quantize `view` segment by segment, each by its rule's method, in execution order."""
+    cut = segments(rules, view.name, list(view.linears))
+    quantized = [i for i, (rule, _) in enumerate(cut) if rule is None or not rule.skip]
+    for i, (rule, names) in enumerate(cut):
+        if rule is not None and rule.skip:
+            for name in names:
+                skipped[f"{view.name}.{name}"] = tuple(view.linears[name].weight.shape)
+            continue
+        before = len(view.records)
+        (method if rule is None else methods[rule.index]).quantize_block(
+            SegmentView(view, names, last=i == quantized[-1]))
+        for record in view.records[before:]:
+            record.info["rule"] = None if rule is None else rule.index
+
+
 def clamped_group_size(group_size: int | None, in_features: int) -> int | None:
     """A group wider than the layer is one group per row: per channel (-1), recorded as such."""
     return -1 if group_size is not None and group_size != -1 and group_size > in_features else group_size
@@ -330,9 +375,12 @@ def quantize_model(
     batch_size: int = 8,
     progress: bool = True,
     block_inputs: BlockInputs | None = None,
+    rules: list[ModuleRule] | None = None,
 ) -> QuantizationReport:
     """Quantize every decoder-block linear of `model` in place with `method`. `block_inputs`:
-    block 0's inputs captured beforehand (from the cache); they are consumed (overwritten)."""
+    block 0's inputs captured beforehand (from the cache); they are consumed (overwritten).
+    `rules`: the run's module rules (experiments/run/module_rules.py), each with its own config of
+    the same method; linears no rule matches get `method`, skipped ones stay as they are."""
     from tqdm.auto import tqdm
 
     seconds: dict[str, float] = {}
@@ -348,6 +396,11 @@ def quantize_model(
         inputs = inputs.rechunked(method.sequences_per_forward)
     records: list[LayerRecord] = []
     formats: dict[str, WeightFormat] = {}
+    skipped: dict[str, tuple[int, int]] = {}
+    rules = rules or []
+    methods = {rule.index: type(method)(rule.config) for rule in rules if not rule.skip}
+    for rule_index, other in methods.items():  # parse_rules refuses these before the model loads
+        assert all(getattr(other, a) == getattr(method, a) for a in RUN_WIDE), f"modules[{rule_index}]"
     method_s = forward_s = 0.0
     for index in tqdm(range(len(blocks)), desc=f"{method.name}: blocks", disable=not progress):
         block = blocks[index]
@@ -357,9 +410,13 @@ def quantize_model(
             float_outputs = view.outputs() if inputs is not None and method.propagation == "float" else None
             forward_s += time.perf_counter() - start
             start = time.perf_counter()
-            method.quantize_block(view)
+            if rules:
+                _quantize_segments(view, method, rules, methods, skipped)
+            else:
+                method.quantize_block(view)
             method_s += time.perf_counter() - start
             missing = set(view.linears) - {r.name.removeprefix(view.name + ".") for r in view.records}
+            missing -= {name.removeprefix(view.name + ".") for name in skipped}
             if method.quantizes_weights and missing:
                 raise RuntimeError(f"method {method.name!r} left {sorted(missing)} of {view.name} unquantized")
             start = time.perf_counter()
@@ -379,4 +436,4 @@ def quantize_model(
             "their layer records say group_size_effective=-1", clamped[0][0],
             sum(r.group_size_effective != r.group_size for r in records), sorted({w for _, w in clamped}),
         )
-    return QuantizationReport(records, seconds, formats)
+    return QuantizationReport(records, seconds, formats, skipped)

@@ -19,6 +19,7 @@ from experiments.data.calibration import CALIBRATION_DATASETS, SAMPLINGS, Calibr
 from experiments.data.protocols import EVAL_DATASETS
 from experiments.models.loading import DTYPES, ModelSpec
 from experiments.run.checks import check_top_level
+from experiments.run.module_rules import ModuleRule, parse_rules
 from methods.base import ConfigError, MethodConfig
 
 MODEL_SOURCES = ("hub", "local", "gguf", "package_gguf", "random", "quantized")
@@ -137,6 +138,9 @@ class RunConfig:
     expected: ExpectedConfig | None = None
     save_model: bool = False  # a copy of the quantized model in <run>/quantized_model
     export: ExportConfig = field(default_factory=ExportConfig)
+    # per-module rules (experiments/run/module_rules.py), parsed for the method and for each compare_with
+    modules: list[ModuleRule] = field(default_factory=list)
+    comparison_modules: dict[str, list[ModuleRule]] = field(default_factory=dict)
 
 
 def _typed(schema: type, section: Any, group: str) -> Any:
@@ -277,13 +281,43 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
         if group_loader is None:
             raise ConfigError("random models need a loader for the model they borrow a tokenizer from")
         tokenizer_model = model_spec(group_loader("model", model.tokenizer))
+    comparisons = _comparisons(resolved, group_loader)
+    modules, comparison_modules = _module_rules(resolved, method_name, method, comparisons, model)
     return RunConfig(
         model=model, method_name=method_name, method=method, calib=calib, eval=evaluation, logger=logger,
         paths=paths, bits=int(resolved["bits"]), group_size=int(resolved["group_size"]),
         seed=int(resolved["seed"]), name=str(resolved["name"]), tags=list(resolved.get("tags") or []),
-        tokenizer_model=tokenizer_model, comparisons=_comparisons(resolved, group_loader), expected=expected,
-        save_model=save_model, export=export,
+        tokenizer_model=tokenizer_model, comparisons=comparisons, expected=expected,
+        save_model=save_model, export=export, modules=modules, comparison_modules=comparison_modules,
     )
+
+
+def _module_rules(
+    resolved: dict, method_name: str, method: MethodConfig, comparisons: list[tuple[str, MethodConfig]],
+    model: ModelSpec,
+) -> tuple[list[ModuleRule], dict[str, list[ModuleRule]]]:
+    """`modules`: parsed for the run's method and, without their method knobs, for each compare_with."""
+    items = resolved.get("modules") or []
+    if not isinstance(items, list):
+        raise ConfigError(f"modules={items!r} must be a list of rules, e.g. 'modules=[{{match: down_proj, bits: 8}}]'")
+    if not items:
+        return [], {}
+    methods_class = methods.get_method_class(method_name)
+    if not methods_class.quantizes_weights or methods_class.runtime is not None:
+        raise ConfigError(f"modules sets per-module weight settings, which method={method_name} does not take: "
+                          "drop modules")
+    if model.source == "quantized":
+        raise ConfigError("modules applies when a run quantizes; model.source=quantized reloads weights already "
+                          "quantized: drop modules")
+    rules = parse_rules(items, method_name, method)
+    per_comparison = {}
+    for name, config in comparisons:
+        knobs = [i for i, item in enumerate(items) if isinstance(item, dict) and item.get("method")]
+        if knobs:
+            raise ConfigError(f"modules[{knobs[0]}] sets {method_name} knobs, which compare_with={name} cannot take: "
+                              "drop compare_with, or keep the rules to bits, group_size and skip")
+        per_comparison[name] = parse_rules(items, name, config)
+    return rules, per_comparison
 
 
 def _check_saved_model(model: ModelSpec) -> None:

@@ -44,6 +44,13 @@ SAVED_DIR = "quantized_model"
 STORAGE_TOLERANCE = 2e-3
 
 
+def rules_for(run: Any, method: Method) -> list:
+    """The module rules that apply to `method` in this run (its own, or a compare_with's)."""
+    if method.name == run.method_name:
+        return list(getattr(run, "modules", []))
+    return list(getattr(run, "comparison_modules", {}).get(method.name, []))
+
+
 class QuantizedStore:
     """Where one method's quantized weights for this run come from and go to."""
 
@@ -53,6 +60,7 @@ class QuantizedStore:
         self.directory: Path | None = None
         self.saved_copy: Path | None = None
         self.saved_timings: dict[str, float] | None = None
+        self.rules = rules_for(run, method)
 
     # -- the key ------------------------------------------------------------------------------------
 
@@ -68,6 +76,8 @@ class QuantizedStore:
             "torch": str(torch.__version__),
             "code": QUANTIZE_CODE_VERSION,
         }
+        if self.rules:  # per-module rules decide other linears' configs
+            key["modules"] = [rule.describe() for rule in self.rules]
         allocation = getattr(self.method.config, "allocation", None)  # SliM-LLM: a file of per-group widths
         if allocation:
             key["allocation_sha256"] = file_sha256(Path(allocation).expanduser())  # its content, not its path
@@ -113,7 +123,8 @@ class QuantizedStore:
         if self.calibration.record.data.get("calib") is None and config.get("calib") is not None:
             self.calibration.record.data["calib"] = config["calib"]
         self._copy_to_run()
-        return QuantizationReport(layers, {}, formats)
+        skipped = {name: tuple(shape) for name, shape in (config.get("skipped") or {}).items()}
+        return QuantizationReport(layers, {}, formats, skipped)
 
     # -- save ---------------------------------------------------------------------------------------
 
@@ -151,6 +162,8 @@ class QuantizedStore:
             "method_config": asdict(self.method.config),
             "calib": self.calibration.record.data.get("calib") if self.method.needs_calibration else None,
             "avg_bits": report.avg_bits,
+            "modules": [rule.describe() for rule in self.rules],
+            "skipped": {name: list(shape) for name, shape in report.skipped.items()},
             "records": [r.as_dict() for r in report.layers],
             "timings": timings,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
