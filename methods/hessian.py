@@ -22,6 +22,7 @@ layout, added after the product (tests/methods/test_gptq_reference_numerics.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 import time
 
 import torch
@@ -100,7 +101,8 @@ def input_representatives(block: BlockView) -> dict[str, str]:
 
 
 def collect_hessians(
-    block: BlockView, names: list[str], last_pass: bool = False, reference_order: bool = False
+    block: BlockView, names: list[str], last_pass: bool = False, reference_order: bool = False,
+    keep_inputs: dict[str, list[torch.Tensor]] | None = None,
 ) -> tuple[dict[str, HessianAccumulator], dict[str, float]]:
     """The Hessians of `names`, from one pass over the block's calibration inputs.
 
@@ -109,7 +111,11 @@ def collect_hessians(
     anything after them is computed. (The reference builds one Hessian per linear: the same
     operations on the same input, so the same bits; tests/methods/test_gptq_reference_numerics.py
     checks it on its transcription.) Returns the accumulator of each name and the pass's time
-    split: `forward_seconds` (running the block) and `hessian_seconds` (the Gram updates)."""
+    split: `forward_seconds` (running the block) and `hessian_seconds` (the Gram updates).
+
+    `keep_inputs`: a dict that receives, for each name, its input chunks in pass order (the same
+    tensors the accumulator saw; linears sharing an input share the list), for a method that needs
+    the inputs again after the Hessians (SliM-LLM's search) without another pass."""
     order = list(block.linears)
     representative = input_representatives(block)
     sources = sorted({representative[name] for name in names}, key=order.index)
@@ -119,10 +125,20 @@ def collect_hessians(
         )
         for source in sources
     }
+    hooks: dict[str, Callable[[torch.Tensor], None]] = {source: acc.add for source, acc in accumulators.items()}
+    if keep_inputs is not None:
+        kept: dict[str, list[torch.Tensor]] = {source: [] for source in sources}
+
+        def keeping(source: str) -> Callable[[torch.Tensor], None]:
+            def hook(x: torch.Tensor) -> None:
+                accumulators[source].add(x)
+                kept[source].append(x.detach())
+            return hook
+
+        hooks = {source: keeping(source) for source in sources}
+        keep_inputs.update({name: kept[representative[name]] for name in names})
     start = time.perf_counter()
-    block.run(
-        hooks={source: acc.add for source, acc in accumulators.items()}, stop_after=sources[-1], last_pass=last_pass
-    )
+    block.run(hooks=hooks, stop_after=sources[-1], last_pass=last_pass)
     pass_seconds = time.perf_counter() - start
     hessian_seconds = sum(acc.seconds for acc in accumulators.values())
     timing = {"forward_seconds": pass_seconds - hessian_seconds, "hessian_seconds": hessian_seconds}

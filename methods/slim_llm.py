@@ -21,7 +21,10 @@ the quantized block's outputs feed the next block (`propagation = "quantized"`).
    first column on the error-updated weights with U's diagonal: a +-10% range search weighted by
    salience (>= 2 bits) or the sign binarization (1 bit).
 
-Cost: the search is one extra pass over the calibration set per block; in it each linear runs
+Cost: the search needs every linear's inputs again once the Hessians are known. By default
+(`search_inputs="stored"`) the Hessian pass keeps them (memory: tokens x the sum of the block's
+distinct input widths x the activation size, e.g. 0.86 GB per SmolLM2 block at 128 x 512 in fp32);
+`"recomputed"` runs the reference's extra pass instead (same tensors, same bits). Then each linear runs
 floor(G_n / 2) - 1 candidate matmuls X W_k^T per sequence (plus 3 round-to-nearest passes over W),
 recorded per layer as search_seconds beside hessian_seconds and solver_seconds. SQC tries 101
 ranges per group; the allocation costs one extra Cholesky per layer.
@@ -70,6 +73,7 @@ class SliMLLMConfig(MethodConfig):
     damp_auto_increment: float = 0.0025
     allocation: str | None = None  # a per-group allocation file to load instead of searching (experiments/)
     save_allocation: str | None = None  # where experiments/ writes this run's allocation
+    search_inputs: str = "stored"  # stored: the Hessian pass keeps each linear's inputs; recomputed: a second pass
     supported_bits = (2, 3, 4, 5, 6, 7)  # N+1 <= 8: codes stay uint8
 
     def validate(self, method_name: str) -> None:
@@ -84,6 +88,11 @@ class SliMLLMConfig(MethodConfig):
             raise ConfigError(f"method {method_name!r}: set either n_moved or allocation, not both")
         if self.lambda_salience < 0:
             raise ConfigError(f"method {method_name!r}: lambda_salience must be >= 0 (1 in the reference)")
+        if self.search_inputs not in ("stored", "recomputed"):
+            raise ConfigError(
+                f"method {method_name!r}: search_inputs={self.search_inputs!r}: use stored (keep the Hessian pass's "
+                "inputs for the KL search) or recomputed (a second pass, for memory)"
+            )
         if self.max_damp_retries < 0 or (self.max_damp_retries > 0 and not self.damp_auto_increment > 0):
             raise ConfigError(f"method {method_name!r}: max_damp_retries must be >= 0, damp_auto_increment > 0")
 
@@ -410,7 +419,9 @@ class SliMLLM(Method):
         )
         with tf32_disabled():
             start = time.perf_counter()
-            accumulators, _ = collect_hessians(block, names, last_pass=not search_pass)
+            stored = search_pass and cfg.search_inputs == "stored"
+            kept: dict[str, list[torch.Tensor]] | None = {} if stored else None
+            accumulators, _ = collect_hessians(block, names, last_pass=not search_pass or stored, keep_inputs=kept)
             _sync(block.linears[names[0]].weight.device)
             hessian_seconds = (time.perf_counter() - start) / len(names)
             hessians = {n: accumulators[n].hessian for n in names}
@@ -422,7 +433,12 @@ class SliMLLM(Method):
                     hessians[n] = salience_hessian(hessians[n])  # per linear: q/k/v share one accumulator
                     salience = group_salience(block.linears[n].weight, chol_inverse_upper(hessians[n]), cfg.group_size)
                     searches[n] = KLSearch(block.linears[n], salience, cfg.bits, cfg.group_size)
-                if search_pass:
+                if kept is not None:  # the very tensors the recomputing pass would see, in its order
+                    for n, search in searches.items():
+                        for chunk in kept[n]:
+                            search.add(chunk)
+                    kept.clear()
+                elif search_pass:
                     block.run(hooks={n: s.add for n, s in searches.items()}, last_pass=True)
                 _sync(block.linears[names[0]].weight.device)
                 search_seconds = (time.perf_counter() - start) / len(names)

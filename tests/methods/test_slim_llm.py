@@ -200,6 +200,8 @@ def test_registered_with_reference_defaults():
         SliMLLMConfig(group_size=-1).validate("slim_llm")
     with pytest.raises(ConfigError, match="bits"):
         SliMLLMConfig(bits=8).validate("slim_llm")
+    with pytest.raises(ConfigError, match="search_inputs"):
+        SliMLLMConfig(search_inputs="cached").validate("slim_llm")
 
 
 @pytest.mark.parametrize(("bits", "group_size"), [(2, 16), (3, 16), (4, 24)])
@@ -325,7 +327,7 @@ def test_block_search_average_width_is_exactly_n_in_every_layer(bits):
 
     block = FakeBlockView(module, correlated_inputs(4 * 12, 64, 1).reshape(4, 12, 64), batch_size=2)
     SliMLLM(SliMLLMConfig(bits=bits, group_size=8)).quantize_block(block)
-    assert block.runs == ["down", None]  # one Hessian pass for every linear, one search pass
+    assert block.runs == ["down"]  # one Hessian pass for every linear; the search reuses its inputs
     for name, record in block.records.items():
         widths = record["allocation"]
         assert sum(widths) == bits * len(widths), name
@@ -338,6 +340,25 @@ def test_block_search_average_width_is_exactly_n_in_every_layer(bits):
         zero_bits = sum(16 if b == 1 else b for b in widths)
         expected = rows * 8 * sum(widths) + rows * len(widths) * 16 + rows * zero_bits + 8 * len(widths)
         assert qweight.storage_bits() == expected
+
+
+def test_stored_search_inputs_give_the_recomputing_pass_bits():
+    """search_inputs=stored keeps the Hessian pass's inputs instead of the reference's second pass:
+    the same tensors in the same order, so the same KL curves, allocations and weights."""
+    from tests.methods.conftest import FakeBlockView
+
+    blocks = {}
+    for mode in ("stored", "recomputed"):
+        torch.manual_seed(0)
+        module = TinyBlock(hidden=64, intermediate=96)
+        block = FakeBlockView(module, correlated_inputs(4 * 12, 64, 1).reshape(4, 12, 64), batch_size=2)
+        SliMLLM(SliMLLMConfig(bits=2, group_size=8, search_inputs=mode)).quantize_block(block)
+        blocks[mode] = block
+    assert blocks["recomputed"].runs == ["down", None] and blocks["stored"].runs == ["down"]
+    for name, record in blocks["stored"].records.items():
+        other = blocks["recomputed"].records[name]
+        assert record["kl_curve"] == other["kl_curve"] and record["allocation"] == other["allocation"], name
+        assert torch.equal(record["qweight"].dequantize(), other["qweight"].dequantize()), name
 
 
 def test_a_given_allocation_skips_the_search(make_block):
