@@ -82,6 +82,7 @@ def smoothed_groups(block: BlockView) -> list[ScalingGroup]:
 class SmoothQuant(Method):
     config_class = SmoothQuantConfig
     propagation = "float"
+    folds_scales = True
 
     @torch.no_grad()
     def smooth_block(self, block: BlockView) -> tuple[dict[str, dict], dict[str, dict[str, float]]]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.pipeline import quantize_model
+from experiments.run.pipeline import quantize_model
 from methods import REGISTRY, ConfigError
 from methods.quantizer import Grid
 from methods.rtn import round_to_nearest
