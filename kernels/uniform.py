@@ -23,7 +23,7 @@ Storage convention (what `storage_bits` counts):
 - scales: `scale_bits` (16: fp16) per (row, group);
 - zeros: w_g bits per (row, group) for integer zero-points (packed, as AutoGPTQ / AutoAWQ GEMM
   do), 16 for floating zero-points (tinygemm, GGUF Q4_1), nothing for symmetric grids (implicit
-  zero 2^(w_g - 1), the zero every symmetric grid in methods/quantizer.py uses); 16 (fp16) for
+  zero 2^(w_g - 1), the zero every symmetric grid in kernels/grid.py uses); 16 (fp16) for
   the float mean of a sign-binarized 1-bit group;
 - group widths: with `group_bits`, 8 bits per group (the uint8 width table; a layer-constant
   cost, 8 / (out * group_size) bits per weight). Without it, nothing (`bits` is in the meta);
