@@ -70,7 +70,7 @@ class ActivationQuantizer:
         """(scale, zero) from x itself: [tokens, 1] per token (x as [tokens, in]), 0-d per tensor."""
         rows = x.reshape(-1, x.shape[-1]).float()
         if self.granularity == "per_token":
-            lo, hi = torch.aminmax(rows, dim=1, keepdim=True)
+            lo, hi = (v[:, None] for v in grids.row_range(rows))
         else:
             lo, hi = torch.aminmax(rows)
         return grids.range_params(lo, hi, self.grid())

@@ -54,7 +54,7 @@ class Observer:
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach().float()
         if self.per_channel:
-            return torch.aminmax(x.reshape(-1, x.shape[-1]), dim=0)
+            return grids.row_range(x.reshape(-1, x.shape[-1]).T)
         return torch.aminmax(x)
 
     def update(self, x: torch.Tensor) -> None:

@@ -13,14 +13,24 @@ from __future__ import annotations
 
 import torch
 
-from kernels.grid import Grid, dequantize, fake_quantize, fit, gptq_params, gptq_range, quantize, range_params
+from kernels.grid import (
+    Grid,
+    dequantize,
+    fake_quantize,
+    fit,
+    gptq_params,
+    gptq_range,
+    quantize,
+    range_params,
+    row_range,
+)
 
-__all__ = ["Grid", "dequantize", "fake_quantize", "fit", "fit_mse", "fit_owq", "quantize", "range_params"]
+__all__ = ["Grid", "dequantize", "fake_quantize", "fit", "fit_mse", "fit_owq", "quantize", "range_params", "row_range"]
 
 
 def _row_gptq_range(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's min-max range of each row of `w` [rows, cols]."""
-    return gptq_range(*torch.aminmax(w, dim=1), grid)
+    return gptq_range(*row_range(w), grid)
 
 
 def fit_mse(
