@@ -74,21 +74,25 @@ class Int8Linear:
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
-def _best_seconds(fn, repeats: int) -> float:
-    """The fastest of `repeats` timed calls after a warm-up: on a shared CPU the minimum is the
-    run least disturbed by other processes (timeit's convention)."""
+def _best_seconds(fn, repeats: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of the fastest of `repeats` timed calls after a warm-up. On a shared CPU
+    the minimum is the call least disturbed by other processes (timeit's convention); the CPU time
+    of the process (all its threads) shows how much of the wall time was ours."""
     fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus)
 
 
-def benchmark(m: int, k: int, n: int, threads: int = 1, repeats: int = 7, seed: int = 0) -> dict[str, float]:
-    """Tokens per second of y = x W^T for x [m, k], W [n, k]: fp32 F.linear against the int8 path
-    (per-token quantization of x included) and its integer matmul alone, at `threads` threads."""
+def benchmark(m: int, k: int, n: int, threads: int = 1, repeats: int = 30, seed: int = 0) -> dict[str, float]:
+    """Tokens per second (m / best wall time) of y = x W^T for x [m, k], W [n, k]: fp32 F.linear,
+    the int8 path (per-token quantization of x and the rescale included) and its integer matmul
+    alone, at `threads` threads; `*_cpu_s`: the best process CPU time of each and
+    `*_tokens_per_cpu_s` = m / that (at 1 thread: the speed undisturbed by other processes)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -96,14 +100,19 @@ def benchmark(m: int, k: int, n: int, threads: int = 1, repeats: int = 7, seed: 
         x, weight = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen) / k**0.5
         layer = Int8Linear.from_float(weight)
         codes, _ = quantize_tokens(x)
-        seconds = {
-            "fp32": _best_seconds(lambda: F.linear(x, weight), repeats),
-            "int8": _best_seconds(lambda: layer(x), repeats),
-            "int8_matmul_only": _best_seconds(lambda: torch._int_mm(codes, layer.codes.t()), repeats),
+        calls = {
+            "fp32": lambda: F.linear(x, weight),
+            "int8": lambda: layer(x),
+            "int8_matmul_only": lambda: torch._int_mm(codes, layer.codes.t()),
         }
+        result: dict[str, float] = {"threads": threads}
+        for name, call in calls.items():
+            wall, cpu = _best_seconds(call, repeats)
+            result[f"{name}_tokens_per_s"], result[f"{name}_cpu_s"] = m / wall, cpu
+            result[f"{name}_tokens_per_cpu_s"] = m / max(cpu, 1e-9)
     finally:
         torch.set_num_threads(previous)
-    return {f"{name}_tokens_per_s": m / s for name, s in seconds.items()} | {"threads": threads}
+    return result
 
 
 if __name__ == "__main__":
@@ -112,7 +121,11 @@ if __name__ == "__main__":
         for k, n in ((576, 576), (576, 1536), (1536, 576)):
             r = benchmark(2048, k, n, threads)
             print(
-                f"threads {threads}  2048 x {k} -> {n}:  fp32 {r['fp32_tokens_per_s']:9.0f} tok/s  "
-                f"int8 {r['int8_tokens_per_s']:9.0f} tok/s ({r['int8_tokens_per_s'] / r['fp32_tokens_per_s']:.2f}x)  "
-                f"int8 matmul alone {r['int8_matmul_only_tokens_per_s']:9.0f} tok/s"
+                f"threads {threads}  2048 x {k} -> {n}:  "
+                + "  ".join(
+                    f"{name} {r[name + '_tokens_per_s']:7.0f} tok/s, {r[name + '_tokens_per_cpu_s']:7.0f} tok/cpu-s"
+                    for name in ("fp32", "int8", "int8_matmul_only")
+                )
+                + f"  int8/fp32 {r['int8_tokens_per_s'] / r['fp32_tokens_per_s']:.2f}x wall,"
+                + f" {r['int8_tokens_per_cpu_s'] / r['fp32_tokens_per_cpu_s']:.2f}x cpu"
             )

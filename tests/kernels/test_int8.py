@@ -57,5 +57,6 @@ def test_bias_batch_dims_and_dtype():
 
 def test_benchmark_reports_tokens_per_second():
     result = benchmark(32, 64, 48, threads=1, repeats=1)
-    assert set(result) == {"fp32_tokens_per_s", "int8_tokens_per_s", "int8_matmul_only_tokens_per_s", "threads"}
-    assert all(v > 0 for v in result.values())
+    for name in ("fp32", "int8", "int8_matmul_only"):
+        assert result[f"{name}_tokens_per_s"] > 0 and result[f"{name}_cpu_s"] >= 0
+    assert result["threads"] == 1
