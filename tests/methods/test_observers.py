@@ -77,6 +77,21 @@ def test_percentile_equals_torch_quantile_over_everything_seen(percentile, sym):
         assert lo.item() == torch.quantile(data, 1 - q).float().item()
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_percentile_stays_exact_when_batches_dwarf_its_tail(sym):
+    # batches of 20000 values into a 256-value tail: the sampled pre-filter runs on the first one;
+    # rounded values make ties at every threshold
+    xs = [torch.round(x * 8) / 8 for x in batches((20000,), (50, 400), (3, 7), seed=2)]
+    obs = make_observer("percentile", percentile=99.5, sym=sym, tail_capacity=256)
+    for x in xs:
+        obs.update(x)
+    data = torch.cat([x.reshape(-1) for x in xs]).double()
+    lo, hi = obs.range()
+    expected_hi = torch.quantile(data.abs() if sym else data, 0.995).float().item()
+    expected_lo = -expected_hi if sym else torch.quantile(data, 0.005).float().item()
+    assert (lo.item(), hi.item()) == (expected_lo, expected_hi)
+
+
 def test_percentile_refuses_when_its_tail_is_too_short_to_be_exact():
     obs = make_observer("percentile", percentile=99.0, tail_capacity=10)
     obs.update(torch.randn(5000))  # the 99th percentile of 5000 values needs the top 51
