@@ -214,6 +214,11 @@ class SignedHistogram:
         return positive + negative
 
 
+def _last_argmin(values: torch.Tensor) -> int:
+    """The largest index of the minimum: ties go to the widest range."""
+    return len(values) - 1 - int(torch.argmin(values.flip(0)))
+
+
 def kl_threshold_bin(abs_counts: torch.Tensor, bits: int, start_bin: int = 128, chunk: int = 64) -> int:
     """TensorRT's entropy calibration (pytorch-quantization calib/histogram.py
     `_compute_amax_entropy`): the number i of |x| bins to keep, threshold = i * w.
@@ -249,30 +254,41 @@ def kl_threshold_bin(abs_counts: torch.Tensor, bits: int, start_bin: int = 128, 
         p_norm, q_norm = p / total, q / cumulative[keep - 1, None]
         terms = torch.where(p > 0, p_norm * (p_norm.log() - q_norm.log()), torch.zeros_like(p))
         divergences.append(terms.sum(1))
-    divergence = torch.cat(divergences)
-    best = len(divergence) - 1 - int(torch.argmin(divergence.flip(0)))
-    return start_bin + best
+    return start_bin + _last_argmin(torch.cat(divergences))
 
 
-class EntropyObserver(Observer):
-    def __init__(self, num_bins: int = 2048, start_bin: int = 128, **grid) -> None:
+class _HistogramObserver(Observer):
+    """A clip searched on the shared histogram: update() feeds it, range() asks `_clip`."""
+
+    def __init__(self, num_bins: int = 2048, **grid) -> None:
         super().__init__(**grid)
-        if not self.sym:
-            raise ValueError("entropy (TensorRT's KL calibration) is defined for symmetric grids: use act.sym=true")
-        if num_bins < start_bin:
-            raise ValueError(f"num_bins {num_bins} must be at least start_bin {start_bin}")
-        self.histogram, self.start_bin = SignedHistogram(num_bins), start_bin
+        self.histogram = SignedHistogram(num_bins)
 
     def update(self, x: torch.Tensor) -> None:
         self.histogram.update(x)
 
+    def _clip(self, hist: SignedHistogram) -> tuple[float, float]:
+        raise NotImplementedError
+
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         hist = self.histogram
         self._seen(hist.seen or None)
-        if hist.width is None:  # only zeros seen
-            return torch.tensor(0.0), torch.tensor(0.0)
+        lo, hi = (0.0, 0.0) if hist.width is None else self._clip(hist)  # no width: only zeros seen
+        return torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+
+
+class EntropyObserver(_HistogramObserver):
+    def __init__(self, num_bins: int = 2048, start_bin: int = 128, **grid) -> None:
+        super().__init__(num_bins, **grid)
+        if not self.sym:
+            raise ValueError("entropy (TensorRT's KL calibration) is defined for symmetric grids: use act.sym=true")
+        if num_bins < start_bin:
+            raise ValueError(f"num_bins {num_bins} must be at least start_bin {start_bin}")
+        self.start_bin = start_bin
+
+    def _clip(self, hist: SignedHistogram) -> tuple[float, float]:
         t = kl_threshold_bin(hist.abs_counts(), self.bits, self.start_bin) * hist.width
-        return torch.tensor(-t, dtype=torch.float32), torch.tensor(t, dtype=torch.float32)
+        return -t, t
 
 
 def mse_clip(
@@ -294,29 +310,18 @@ def mse_clip(
         s, z = scale[first : first + chunk, None], zero[first : first + chunk, None]
         x_hat = grids.fake_quantize(x, s, z, quantizer.grid().maxq)
         errors.append(((x_hat - x).double() ** 2 * counts[None, :]).sum(1))
-    error = torch.cat(errors)
-    best = len(error) - 1 - int(torch.argmin(error.flip(0)))
-    return float(p[best])
+    return float(p[_last_argmin(torch.cat(errors))])
 
 
-class MSEObserver(Observer):
+class MSEObserver(_HistogramObserver):
     def __init__(self, num_bins: int = 2048, num_candidates: int = 512, **grid) -> None:
-        super().__init__(**grid)
-        self.histogram, self.num_candidates = SignedHistogram(num_bins), num_candidates
+        super().__init__(num_bins, **grid)
+        self.num_candidates = num_candidates
 
-    def update(self, x: torch.Tensor) -> None:
-        self.histogram.update(x)
-
-    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        hist = self.histogram
-        self._seen(hist.seen or None)
-        lo, hi = hist.lo, hist.hi
-        if hist.width is not None:
-            p = mse_clip(hist.counts, hist.centers(), lo, hi, self.quantizer, self.num_candidates)
-            if self.sym:
-                lo, hi = -max(-lo, hi), max(-lo, hi)
-            lo, hi = p * lo, p * hi
-        return torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+    def _clip(self, hist: SignedHistogram) -> tuple[float, float]:
+        p = mse_clip(hist.counts, hist.centers(), hist.lo, hist.hi, self.quantizer, self.num_candidates)
+        lo, hi = (-max(-hist.lo, hist.hi), max(-hist.lo, hist.hi)) if self.sym else (hist.lo, hist.hi)
+        return p * lo, p * hi
 
 
 OBSERVERS: dict[str, type[Observer]] = {
