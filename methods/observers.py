@@ -7,7 +7,9 @@ An observer sees every calibration batch of one linear's input, `update(x)` with
 (min_max and moving_average): lo, hi are [channels], one per input channel (x's last dim), the
 statistic SmoothQuant needs (max |x_j| = max(-lo_j, hi_j)); the clipping observers are per tensor.
 
-The clipping observers serve one grid, `bits` and `sym` (kernels/activations.py's definitions):
+Every observer is built for the grid it serves, `bits` and `sym` (kernels/activations.py's
+definitions); the clipping ones (percentile, entropy, mse) search with it. min_max and
+moving_average give the raw (lo, hi) whatever the grid: static_params symmetrizes for sym.
 
 - min_max: the exact running min and max.
 - moving_average (`momentum`, PyTorch's MovingAverageMinMaxObserver): the first batch sets
@@ -21,13 +23,19 @@ The clipping observers serve one grid, `bits` and `sym` (kernels/activations.py'
   keeping the `tail_capacity` largest (and, asym, smallest) values seen is enough while that count
   fits (default 2^19: 99.9 over 524M values); range() raises otherwise.
 - entropy (sym only): TensorRT's KL calibration on the |x| histogram (`kl_threshold_bin`).
-- mse: the clip that minimizes the histogram's quantization MSE on the grid (`mse_clip`).
+- mse: of the ranges p * (lo, hi), p = k / 512 (sym: p * (-a, a), a = max |x|), the one whose
+  fake-quant of the histogram's bin centers has the lowest count-weighted squared error (`mse_clip`).
 
 entropy and mse share a histogram of x (`SignedHistogram`) with bins [k w, (k + 1) w): w is fixed
 by the first batch (max |x| / num_bins, num_bins = 2048) and bins are added on either side when a
 later batch reaches past them (TensorRT's growth rule, the width never changes). The |x| histogram
-of TensorRT is its fold around 0. Updates are O(n): aminmax + one histc (+ a filter and a top-k of
-the few values that enter a percentile tail); the searches run once, in range().
+of TensorRT is its fold around 0.
+
+Cost. Updates are O(n): aminmax + one histc (+ a filter and a top-k of the few values that enter a
+percentile tail); the searches run once, in range(). Measured against one GPTQ calibration pass of
+a SmolLM2-135M block (8 x 2048 tokens, forward + the 4 Hessians, 1 thread, CPU time), the updates
+on its 4 distinct linear inputs add: min_max 0.3% (per channel 1.3%), moving_average 0.3%, entropy
+and mse 10%, percentile 99.9 sym 8% (its first batch 11%), 99.99 asym 12% (first batch 19%).
 """
 
 from __future__ import annotations
