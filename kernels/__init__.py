@@ -1,5 +1,7 @@
 """Low-bit weight formats: a floor every method builds on.
 
+- `grid`: uniform scalar grids: a range -> (scale, zero), the code <-> value rule (weights and
+  activations share it; methods/quantizer.py re-exports it and adds the clip searches).
 - `groups`: which input columns share a (scale, zero): group bounds, g_idx, batched segments.
 - `packing`: LSB-first bitstreams of 1..16-bit values in int32 words.
 - `format`: the `WeightFormat` protocol (dequantize, storage_bits, pack / unpack, matmul) and the
@@ -9,6 +11,9 @@
 - `codebook`: `CodebookWeight`, vector-quantized weights (VPTQ).
 - `lookup`: `LookupWeight`, bitsandbytes' 4-bit lookup tables (NF4, FP4) with blockwise absmax
   scales and optional double quantization.
+- `activations`: `ActivationQuantizer` / `ActivationFakeQuant`, fake-quant of a linear's input
+  (bits, per-tensor / per-token, sym, dynamic / static ranges).
+- `int8`: `Int8Linear`, W8A8 through torch._int_mm on the CPU, and its `benchmark`.
 """
 
 from kernels.codebook import CodebookPartition, CodebookWeight

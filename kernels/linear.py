@@ -156,6 +156,7 @@ class QuantLinear(nn.Module):
                 "group_size": fmt.group_size,
                 "zero_format": fmt.zero_format,
                 "scale_bits": getattr(fmt, "scale_bits", 16),
+                "per_tensor": getattr(fmt, "per_tensor", False),
                 "info": dict(getattr(fmt, "info", {}) or {}),
             }
             buffers[_FORMAT_PREFIX + "scales"] = fmt.scales.clone()
@@ -199,6 +200,7 @@ class QuantLinear(nn.Module):
             group_size=meta["group_size"],
             zero_format=meta["zero_format"],
             scale_bits=meta["scale_bits"],
+            per_tensor=meta["per_tensor"],
             info=dict(meta["info"]),
         )
 

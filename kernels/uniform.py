@@ -7,6 +7,12 @@ fake-quant weight used for evaluation, W[r, c] = scale[r, g] * (code[r, c] - zer
 g = g_idx[c], and counts its exact storage bits, so that bits-per-weight is counted the same way
 for every method (reference/methods.md §8), never taken from a nominal number.
 
+Per tensor (`per_tensor=True`): one (scale, zero) for the whole matrix. In memory nothing changes
+(group_size -1, scales / zeros [out, 1], every row holding the same pair, which __post_init__
+checks), so dequantize and the fast paths run it as a per-channel weight; storage holds that pair
+once: `storage_bits` counts scale_bits + zero bits one time, not per row, and pack() stores
+"scales" / "zeros" as a single row [1, ...] that unpack() repeats.
+
 Widths. `bits` is the nominal width (what records report). With `group_bits` [n_groups] each
 group g has its own width w_g (codes of group g in [0, 2^w_g - 1]); without it every group has
 `bits`.
@@ -23,7 +29,7 @@ Storage convention (what `storage_bits` counts):
 - scales: `scale_bits` (16: fp16) per (row, group);
 - zeros: w_g bits per (row, group) for integer zero-points (packed, as AutoGPTQ / AutoAWQ GEMM
   do), 16 for floating zero-points (tinygemm, GGUF Q4_1), nothing for symmetric grids (implicit
-  zero 2^(w_g - 1), the zero every symmetric grid in methods/quantizer.py uses); 16 (fp16) for
+  zero 2^(w_g - 1), the zero every symmetric grid in kernels/grid.py uses); 16 (fp16) for
   the float mean of a sign-binarized 1-bit group;
 - group widths: with `group_bits`, 8 bits per group (the uint8 width table; a layer-constant
   cost, 8 / (out * group_size) bits per weight). Without it, nothing (`bits` is in the meta);
@@ -109,6 +115,7 @@ class UniformWeight(WeightFormat):
     info: dict = field(default_factory=dict)  # free-form, JSON-serializable; travels in meta()
     group_bits: torch.Tensor | None = None  # [n_groups] int: each group's own width (SliM-LLM)
     binary_one_bit: bool = False  # 1-bit groups are sign-binarized around a float zero (module docstring)
+    per_tensor: bool = False  # one (scale, zero) for the whole matrix, stored once (module docstring)
 
     def __post_init__(self) -> None:
         out_features, in_features = self.codes.shape
@@ -138,6 +145,11 @@ class UniformWeight(WeightFormat):
                 raise ValueError("group widths must be in 1..16")
         if self.binary_one_bit and (self.group_bits is None or self.zero_format != "int"):
             raise ValueError("binary_one_bit needs group_bits and int zeros (the other groups' zero-points)")
+        if self.per_tensor:
+            if self.group_size != -1 or n_groups > 1 or self.group_bits is not None:
+                raise ValueError("per_tensor is one group per row (group_size -1) without group_bits")
+            if not (bool((self.scales == self.scales[:1]).all()) and bool((self.zeros == self.zeros[:1]).all())):
+                raise ValueError("per_tensor: every row must hold the same (scale, zero)")
 
     # ---- layout -------------------------------------------------------------------------------
 
@@ -148,6 +160,14 @@ class UniformWeight(WeightFormat):
     @property
     def n_groups(self) -> int:
         return self.scales.shape[1]
+
+    @property
+    def _param_rows(self) -> int:
+        """Rows of (scale, zero) in storage: 1 per tensor, else one per output row."""
+        return 1 if self.per_tensor else self.shape[0]
+
+    def _stored_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t[:1] if self.per_tensor else t
 
     @property
     def n_outliers(self) -> int:
@@ -239,7 +259,7 @@ class UniformWeight(WeightFormat):
         if self.group_bits is None:
             zero_bits = {"int": self.bits, "float": 16, "none": 0}[self.zero_format]
             total = out_features * (in_features - n_outliers) * self.bits
-            total += out_features * n_groups * (self.scale_bits + zero_bits)
+            total += self._param_rows * n_groups * (self.scale_bits + zero_bits)
         else:
             widths = self.group_widths()
             column_widths = widths[self.g_idx.long()][self._quantized_mask()]
@@ -262,7 +282,7 @@ class UniformWeight(WeightFormat):
             n_cols, n_zeros = cls.columns.numel(), cls.groups.numel()
             total += out_features * (packed_words(n_cols, cls.width) * 32 - n_cols * cls.width)
             if self.zero_format == "int" and not self._binary_class(cls.width):
-                total += out_features * (packed_words(n_zeros, cls.width) * 32 - n_zeros * cls.width)
+                total += self._param_rows * (packed_words(n_zeros, cls.width) * 32 - n_zeros * cls.width)
         return total
 
     # ---- storage ------------------------------------------------------------------------------
@@ -336,6 +356,7 @@ class UniformWeight(WeightFormat):
             info=dict(self.info),
             group_bits=None if self.group_bits is None else self.group_bits.to(torch.int32).clone(),
             binary_one_bit=self.binary_one_bit,
+            per_tensor=self.per_tensor,
         )
 
     def _binary_class(self, width: int) -> bool:
@@ -353,11 +374,11 @@ class UniformWeight(WeightFormat):
             if self._binary_class(cls.width):
                 tensors[self._class_name("zeros", cls.width)] = fresh(self.zeros[:, cls.groups.to(self.zeros.device)], torch.float16)
             elif self.zero_format == "int":
-                zeros = self.zeros[:, cls.groups.to(self.zeros.device)].round().to(torch.int64)
+                zeros = self._stored_rows(self.zeros)[:, cls.groups.to(self.zeros.device)].round().to(torch.int64)
                 tensors[self._class_name("zeros", cls.width)] = pack_codes(zeros, cls.width)
         if self.zero_format == "float":
-            tensors["zeros"] = fresh(self.zeros, torch.float16)
-        tensors["scales"] = fresh(self.scales, _SCALE_DTYPES[self.scale_bits])
+            tensors["zeros"] = fresh(self._stored_rows(self.zeros), torch.float16)
+        tensors["scales"] = fresh(self._stored_rows(self.scales), _SCALE_DTYPES[self.scale_bits])
         if self.g_idx_layout == "explicit":
             tensors["g_idx"] = fresh(self.g_idx, torch.int32)
         if self.outlier_idx is not None:
@@ -381,6 +402,7 @@ class UniformWeight(WeightFormat):
             "n_outliers": self.n_outliers,
             "mixed_widths": self.group_bits is not None,
             "binary_one_bit": self.binary_one_bit,
+            "per_tensor": self.per_tensor,
             "info": dict(self.info),
         }
 
@@ -390,7 +412,10 @@ class UniformWeight(WeightFormat):
         out_features, in_features = meta["shape"]
         bits, group_size, n_groups = meta["bits"], meta["group_size"], meta["n_groups"]
         zero_format, scale_bits = meta["zero_format"], meta["scale_bits"]
+        per_tensor = meta.get("per_tensor", False)
         scales = tensors["scales"]
+        if per_tensor:  # stored once: every row holds it
+            scales = scales.repeat(out_features, 1)
         device = scales.device
         outlier_idx = tensors.get("outlier_idx") if meta["n_outliers"] else None
         outlier_values = tensors.get("outlier_values") if meta["n_outliers"] else None
@@ -416,7 +441,7 @@ class UniformWeight(WeightFormat):
             out_features, in_features, dtype=torch.uint8 if max_width <= 8 else torch.int32, device=device
         )
         if zero_format == "float":
-            zeros = tensors["zeros"]
+            zeros = tensors["zeros"].repeat(out_features, 1) if per_tensor else tensors["zeros"]
         elif zero_format == "none":
             zeros = implicit_zeros(widths, out_features)
         else:
@@ -443,6 +468,7 @@ class UniformWeight(WeightFormat):
             info=dict(meta.get("info", {})),
             group_bits=group_bits,
             binary_one_bit=meta.get("binary_one_bit", False),
+            per_tensor=per_tensor,
         )
         weight._fill_outlier_codes(weight.codes, weight.zeros, weight.g_idx)
         return weight

@@ -1,87 +1,36 @@
-"""Uniform scalar grids, fitted per row over a set of columns (reference/methods.md §1.3).
+"""Grid fitting searches beyond plain min-max (reference/methods.md §1.3).
 
-Every grid maps w to a code q = clamp(round(w / scale) + zero, 0, 2^b - 1) and back to
-scale * (q - zero); `torch.round` rounds ties to even, as in every reference. They differ in how
-(scale, zero) are fitted from a row's range [lo, hi]:
+The grids themselves (`Grid`, the min-max fits, quantize / dequantize / fake_quantize) live in
+kernels/grid.py, shared with activation quantization at run time; they are re-exported here, where
+the methods have always found them. This module adds the per-row searches:
 
-- GPTQ min-max (`zero_in_range=True`): the range is widened to contain 0; an all-zero row gets
-  (-1, 1). Symmetric: hi = max(|lo|, hi), lo = -hi only where lo < 0 (quirk kept: a row with no
-  negative weight keeps lo = 0), scale = (hi - lo) / maxq and zero = (maxq + 1) / 2, so +hi lands on
-  7.5 steps at 4 bits and is clamped to 7 (the largest weight shrinks to ~0.93 hi).
-- AWQ raw min-max (`zero_in_range=False`): the raw range, scale = max(hi - lo, 1e-5) / maxq and
-  zero = clamp(-round(lo / scale), 0, maxq). Symmetric follows AutoAWQ (llm-awq never used its own):
-  levels [-2^(b-1), 2^(b-1) - 1], scale = max(|w|) / (2^(b-1) - 1).
 - GPTQ MSE clip search (`fit_mse`, the GPTQ grid only): shrink the min-max range and keep the scale
   with the lowest L2.4 error per row.
-- Floating zero (`float_zero=True`, raw range only): zero = -lo / scale is kept unrounded, so the
-  grid is exactly {lo + k * scale}. This is tinygemm's / HQQ's / GGUF Q4_1's format.
+- OWQ's quantizer (`fit_owq`): its own min-max and grid search.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from kernels.grid import (
+    Grid,
+    dequantize,
+    fake_quantize,
+    fit,
+    gptq_params,
+    gptq_range,
+    quantize,
+    range_params,
+    row_range,
+)
 
-@dataclass(frozen=True)
-class Grid:
-    bits: int
-    sym: bool = False
-    zero_in_range: bool = True
-    float_zero: bool = False
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.bits <= 16:
-            raise ValueError(f"bits must be in 1..16, got {self.bits}")
-        if self.float_zero and (self.sym or self.zero_in_range):
-            raise ValueError("float_zero needs an asymmetric raw min-max grid (sym=False, zero_in_range=False)")
-
-    @property
-    def maxq(self) -> int:
-        return 2**self.bits - 1
-
-    @property
-    def zero_format(self) -> str:
-        if self.float_zero:
-            return "float"
-        return "none" if self.sym else "int"
+__all__ = ["Grid", "dequantize", "fake_quantize", "fit", "fit_mse", "fit_owq", "quantize", "range_params", "row_range"]
 
 
-def fit(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) per row of `weight` [rows, cols], each of shape [rows]."""
-    w = weight.float()
-    if grid.zero_in_range:
-        return _fit_gptq_minmax(w, grid)
-    return _fit_raw_minmax(w, grid)
-
-
-def _fit_gptq_minmax(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    lo, hi = _gptq_range(w, grid)
-    return _gptq_params(lo, hi, grid)
-
-
-def _gptq_range(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GPTQ min-max range per row: widened to hold 0, symmetrized, (-1, 1) for all-zero rows."""
-    zero_ = torch.zeros(w.shape[0], device=w.device)
-    lo = torch.minimum(w.min(dim=1).values, zero_)
-    hi = torch.maximum(w.max(dim=1).values, zero_)
-    if grid.sym:
-        hi = torch.maximum(lo.abs(), hi)
-        lo = torch.where(lo < 0, -hi, lo)
-    dead = (lo == 0) & (hi == 0)
-    lo = torch.where(dead, torch.full_like(lo, -1.0), lo)
-    hi = torch.where(dead, torch.full_like(hi, 1.0), hi)
-    return lo, hi
-
-
-def _gptq_params(lo: torch.Tensor, hi: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (hi - lo) / grid.maxq
-    if grid.sym:
-        zero = torch.full_like(scale, (grid.maxq + 1) / 2)
-    else:
-        zero = torch.round(-lo / scale)
-    return scale, zero
+def _row_gptq_range(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's min-max range of each row of `w` [rows, cols]."""
+    return gptq_range(*row_range(w), grid)
 
 
 def fit_mse(
@@ -96,8 +45,8 @@ def fit_mse(
     if not grid.zero_in_range or grid.float_zero:
         raise ValueError("fit_mse implements GPTQ's clip search: it needs the GPTQ grid (zero_in_range=True)")
     w = weight.float()
-    lo, hi = _gptq_range(w, grid)
-    scale, zero = _gptq_params(lo, hi, grid)
+    lo, hi = _row_gptq_range(w, grid)
+    scale, zero = gptq_params(lo, hi, grid)
     best = torch.full([w.shape[0]], float("inf"), device=w.device)
     for k in range(int(max_shrink * grid_points)):
         p = 1 - k / grid_points
@@ -111,45 +60,6 @@ def fit_mse(
         scale = torch.where(better, scale_k, scale)
         zero = torch.where(better, zero_k, zero)
     return scale, zero
-
-
-def _fit_raw_minmax(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    if grid.sym:
-        max_int = 2 ** (grid.bits - 1) - 1
-        if max_int == 0:
-            raise ValueError("a symmetric raw grid needs at least 2 bits")
-        scale = w.abs().amax(dim=1).clamp(min=1e-5) / max_int
-        zero = torch.full_like(scale, 2 ** (grid.bits - 1))
-        return scale, zero
-    lo = w.min(dim=1).values
-    hi = w.max(dim=1).values
-    scale = (hi - lo).clamp(min=1e-5) / grid.maxq
-    if grid.float_zero:
-        return scale, -lo / scale
-    zero = torch.clamp(-torch.round(lo / scale), 0, grid.maxq)
-    return scale, zero
-
-
-def quantize(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, float_zero: bool = False
-) -> torch.Tensor:
-    """Integer codes (as floats) of `w` on the grid; scale/zero broadcast against `w`.
-
-    Integer zero-points are added after rounding, as the references do: with ties to even,
-    round(x) + z and round(x + z) differ at exact halves when z is odd."""
-    if float_zero:
-        return torch.clamp(torch.round(w / scale + zero), 0, maxq)
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return scale * (codes - zero)
-
-
-def fake_quantize(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, float_zero: bool = False
-) -> torch.Tensor:
-    return dequantize(quantize(w, scale, zero, maxq, float_zero), scale, zero)
 
 
 def fit_owq(
@@ -182,7 +92,7 @@ def fit_owq(
             hi = torch.maximum(lo.abs(), hi)
             hi = torch.where((lo == 0) & (hi == 0), torch.ones_like(hi), hi)
             return hi / half_levels, torch.full_like(hi, half_levels)
-        return _fit_gptq_minmax(x, Grid(bits, sym=False, zero_in_range=True))
+        return fit(x, Grid(bits, sym=False, zero_in_range=True))
     best_score = torch.full_like(lo, 1e10)
     if sym:
         full = torch.maximum(lo.abs(), hi)

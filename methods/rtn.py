@@ -2,6 +2,8 @@
 
 - GPTQ-repo RTN: `zero_in_range=True, group_size=-1` (per output channel, range forced to hold 0).
 - AWQ-paper RTN: `zero_in_range=False, group_size=128` (raw min-max per group of 128 columns).
+- Per tensor (`per_tensor=True`, group_size -1): one grid fitted to the whole matrix, its (scale,
+  zero) stored once (kernels/uniform.py), the weight side of per-tensor W8A8.
 Their numbers are not interchangeable; every result records which one ran.
 """
 
@@ -24,9 +26,15 @@ class RTNConfig(MethodConfig):
     sym: bool = False
     zero_in_range: bool = False
     float_zero: bool = False
+    per_tensor: bool = False
 
     def validate(self, method_name: str) -> None:
         super().validate(method_name)
+        if self.per_tensor and self.group_size != -1:
+            raise ConfigError(
+                f"method {method_name!r}: per_tensor=true is one grid for the whole matrix; it needs "
+                f"group_size=-1, got {self.group_size}"
+            )
         if self.float_zero and (self.sym or self.zero_in_range):
             raise ConfigError(
                 f"method {method_name!r}: float_zero=true needs sym=false and zero_in_range=false "
@@ -49,10 +57,19 @@ def fit_groups(w: torch.Tensor, grid: quantizer.Grid, group_size: int) -> tuple[
     return torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
 
 
-def round_to_nearest(weight: torch.Tensor, grid: quantizer.Grid, group_size: int) -> QuantizedWeight:
-    """Quantize a [out, in] weight group by group; the last group may be shorter."""
+def round_to_nearest(
+    weight: torch.Tensor, grid: quantizer.Grid, group_size: int, per_tensor: bool = False
+) -> QuantizedWeight:
+    """Quantize a [out, in] weight group by group; the last group may be shorter. `per_tensor`
+    (group_size -1): one (scale, zero) fitted to the whole matrix, repeated on every row."""
     w = weight.detach().float()
-    scales, zeros = fit_groups(w, grid, group_size)
+    if per_tensor:
+        if group_size != -1:
+            raise ValueError(f"per_tensor needs group_size -1, got {group_size}")
+        scale, zero = quantizer.fit(w.reshape(1, -1), grid)
+        scales, zeros = scale.expand(w.shape[0], 1).clone(), zero.expand(w.shape[0], 1).clone()
+    else:
+        scales, zeros = fit_groups(w, grid, group_size)
     g_idx = contiguous_g_idx(w.shape[1], group_size)
     index = g_idx.long().to(w.device)
     codes = quantizer.quantize(w, scales[:, index], zeros[:, index], grid.maxq, grid.float_zero)
@@ -64,6 +81,7 @@ def round_to_nearest(weight: torch.Tensor, grid: quantizer.Grid, group_size: int
         bits=grid.bits,
         group_size=group_size,
         zero_format=grid.zero_format,
+        per_tensor=per_tensor,
     )
 
 
@@ -76,5 +94,5 @@ class RTN(Method):
         grid = self.config.grid()
         for name, linear in block.linears.items():
             start = time.perf_counter()
-            qweight = round_to_nearest(linear.weight, grid, self.config.group_size)
+            qweight = round_to_nearest(linear.weight, grid, self.config.group_size, self.config.per_tensor)
             block.commit(name, qweight, seconds=time.perf_counter() - start)

@@ -256,7 +256,7 @@ def sqc_fit(
     `sym` (the quirk): zero = 2^(b-1) with the asymmetric scale, and the zero stays fixed."""
     maxq = 2**bits - 1
     mask_salient, found = salient_mask(w**2 / u_diag.reshape(1, -1) ** 2)
-    lo, hi = quantizer._gptq_range(w, quantizer.Grid(bits, sym=False, zero_in_range=True))
+    lo, hi = quantizer.gptq_range(*quantizer.row_range(w), quantizer.Grid(bits, sym=False, zero_in_range=True))
     scale = (hi - lo) / maxq
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale)
     if not range_search:

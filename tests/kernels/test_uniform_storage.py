@@ -65,3 +65,46 @@ def test_inconsistent_shapes_are_refused():
             codes=torch.zeros(2, 4, dtype=torch.uint8), scales=torch.ones(2, 1), zeros=torch.zeros(2, 1),
             g_idx=contiguous_g_idx(4, 2), bits=4, group_size=2,
         )
+
+
+def per_tensor_weight(zero_format="int", bits=8, out=16, inp=32):
+    scale, zero = torch.tensor([[0.02]]), torch.tensor([[float(2 ** (bits - 1)) if zero_format == "none" else 3.0]])
+    return QuantizedWeight(
+        codes=torch.randint(0, 2**bits, (out, inp), dtype=torch.uint8),
+        scales=scale.repeat(out, 1), zeros=zero.repeat(out, 1), g_idx=contiguous_g_idx(inp, -1),
+        bits=bits, group_size=-1, zero_format=zero_format, per_tensor=True,
+    )
+
+
+@pytest.mark.parametrize(("zero_format", "zero_bits"), [("int", 8), ("float", 16), ("none", 0)])
+def test_per_tensor_stores_its_scale_and_zero_once(zero_format, zero_bits):
+    q = per_tensor_weight(zero_format)
+    assert q.storage_bits() == 16 * 32 * 8 + 16 + zero_bits  # codes, then one scale (+ zero)
+    packed = q.pack()
+    assert packed["scales"].shape == (1, 1)
+    assert q.packed_bits() == q.storage_bits() + q.padding_bits()
+    back = QuantizedWeight.unpack(packed, q.meta())
+    assert back.per_tensor and back.scales.shape == (16, 1)
+    assert torch.equal(back.dequantize(), q.rounded_to_storage().dequantize())
+
+
+def test_per_tensor_runs_on_the_reference_and_int8_paths():
+    from kernels.linear import QuantLinear
+
+    q = per_tensor_weight("int")
+    x = torch.randn(3, 32)
+    for backend in ("reference", "int8_cpu"):
+        layer = QuantLinear.from_format(q, backend=backend)
+        assert layer.to_format().per_tensor
+        torch.testing.assert_close(layer.dequantize(), q.rounded_to_storage().dequantize())
+        torch.testing.assert_close(layer(x), x @ layer.dequantize().T, rtol=0.05, atol=0.05)
+
+
+def test_per_tensor_refuses_rows_that_differ_and_groups():
+    q = per_tensor_weight()
+    with pytest.raises(ValueError, match="same"):
+        QuantizedWeight(codes=q.codes, scales=q.scales + torch.arange(16.0)[:, None], zeros=q.zeros,
+                        g_idx=q.g_idx, bits=8, group_size=-1, per_tensor=True)
+    with pytest.raises(ValueError, match="group_size -1"):
+        QuantizedWeight(codes=q.codes, scales=torch.ones(16, 2), zeros=torch.zeros(16, 2),
+                        g_idx=contiguous_g_idx(32, 16), bits=8, group_size=16, per_tensor=True)

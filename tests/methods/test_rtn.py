@@ -50,3 +50,17 @@ def test_config_validation_names_the_problem():
         RTNConfig(group_size=0).validate("rtn")
     with pytest.raises(ConfigError, match="float_zero"):
         RTNConfig(float_zero=True, sym=True).validate("rtn")
+
+
+def test_per_tensor_rtn_fits_one_grid_to_the_whole_matrix():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(12, 20, generator=gen)
+    w[3, 4] = 9.0  # one row's outlier sets everyone's scale
+    grid = Grid(8, sym=True, zero_in_range=False)
+    q = round_to_nearest(w, grid, -1, per_tensor=True)
+    assert q.per_tensor and torch.all(q.scales == 9.0 / 127) and torch.all(q.zeros == 128)
+    assert q.storage_bits() == 12 * 20 * 8 + 16  # one fp16 scale, symmetric: no zero
+    per_channel = round_to_nearest(w, grid, -1)
+    assert (q.dequantize() - w).abs().mean() > (per_channel.dequantize() - w).abs().mean()
+    with pytest.raises(ConfigError, match="group_size=-1"):
+        RTNConfig(bits=8, group_size=128, per_tensor=True).validate("rtn")
