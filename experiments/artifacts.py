@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from experiments.cache import Cache, _canonical, build_dir_once, file_sha256, key_hash, log_event
+from experiments.data.calibration import calibration_source
 from experiments.models.loading import LoadedModel
 from experiments.models.quantized import (
     WEIGHTS_FILE,
@@ -111,7 +112,8 @@ class QuantizedStore:
         layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in config["records"]]
         self.source, self.directory, self.saved_timings = source, directory, config.get("timings")
         if self.calibration.record.data.get("calib") is None and config.get("calib") is not None:
-            self.calibration.record.data["calib"] = config["calib"]
+            # quantized from the same calibration text, perhaps at another path: record this run's
+            self.calibration.record.data["calib"] = {**config["calib"], **calibration_source(self.run.calib.spec())}
         self._copy_to_run()
         return QuantizationReport(layers, {}, formats)
 

@@ -19,6 +19,8 @@ import torch
 from experiments import allocation, fidelity
 from experiments.artifacts import QuantizedStore, consistency_gate
 from experiments.cache import Cache
+from experiments.checks import needs_calibration
+from experiments.data.calibration import check_chat_template
 from experiments.evaluate import perplexity, place_for_eval, release_from_eval
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config
@@ -260,6 +262,8 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
                 f"{base_spec.name!r} now loads as {loaded.fingerprint}; the saved weights do not belong to it"
             )
         timings["load_s"] = loaded.load_seconds
+        if run.calib.chat_template and needs_calibration(run):  # before the baseline, not after it
+            check_chat_template(loaded.tokenizer)
         model = loaded.model
         record.data["model"] = {
             "name": base_spec.name, "fingerprint": loaded.fingerprint, "model_type": model.config.model_type,
