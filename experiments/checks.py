@@ -116,7 +116,10 @@ def check_calib(calib: Any) -> None:
         if value == "":
             raise ConfigError(f"calib.{key} is empty: name it, or drop it for its default")
         if value is not None and key not in CALIB_KEYS[calib.source]:
-            fix = " or ".join(f"{CALIB_USAGE[s]} calib.{key}=..." for s in CALIB_SOURCES if key in CALIB_KEYS[s])
+            fix = " or ".join(
+                CALIB_USAGE[s].replace(f"calib.{key}=FILE", "") + f" calib.{key}={value}"
+                for s in CALIB_SOURCES if key in CALIB_KEYS[s]
+            ).replace("  ", " ")
             what = "a built-in dataset" if calib.source == "builtin" else f"calib={calib.source}"
             raise ConfigError(
                 f"calib.{key} is not read with {what} (calib.dataset={calib.dataset}): drop it, or use {fix}"
