@@ -3,6 +3,7 @@
 - `sources`: named dataset splits as raw rows, local data directory first, then the HF hub.
 - `protocols`: perplexity evaluation windows (`eval_windows`).
 - `calibration`: GPTQ-style calibration samples (`calibration_samples`).
+- `custom`: calibration documents from any file (`calib=custom`) or hub dataset (`calib=hf`).
 """
 
 from .calibration import (
@@ -12,6 +13,7 @@ from .calibration import (
     calibration_samples,
     calibration_set,
 )
+from .custom import CalibrationTextError, TextSource
 from .protocols import EVAL_DATASETS, EvalWindows, eval_windows
 from .sources import KNOWN_DATASETS, DatasetNotFound, data_dir, dataset_variant, load_rows
 
@@ -20,8 +22,10 @@ __all__ = [
     "EVAL_DATASETS",
     "KNOWN_DATASETS",
     "CalibrationSpec",
+    "CalibrationTextError",
     "DatasetNotFound",
     "EvalWindows",
+    "TextSource",
     "calibration_fingerprint",
     "calibration_samples",
     "calibration_set",

@@ -63,3 +63,12 @@ def load_hub_rows(name: str, split: str) -> list[str]:
     else:
         data = load_dataset(source.path, source.config, split=split)
     return list(data[source.column])
+
+
+def load_calibration_dataset(dataset: str, config: str | None, split: str, revision: str | None):
+    """`calib=hf`: one split of any hub dataset (or a local folder `datasets` can read), as a
+    `datasets.Dataset`; raises on any failure. With HF_DATASETS_OFFLINE=1, `datasets` itself
+    serves it from its local cache or fails."""
+    from datasets import load_dataset  # lazy, as above
+
+    return load_dataset(dataset, config, split=split, revision=revision)

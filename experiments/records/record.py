@@ -33,6 +33,9 @@ def config_hash(config: dict[str, Any]) -> str:
     relevant = {
         k: v for k, v in config.items() if k not in ("paths", "logger", "tags", "hydra", "force", "skip_invalid", "sweep_name")
     }
+    if isinstance(relevant.get("calib"), dict) and "path" in relevant["calib"]:
+        # a calibration file's content is in data_fingerprints: moving the file changes nothing
+        relevant["calib"] = {k: v for k, v in relevant["calib"].items() if k != "path"}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -81,6 +81,75 @@ def check_top_level(resolved: dict[str, Any]) -> None:
             _path_component(resolved[key], key)
 
 
+CALIB_SOURCES = ("builtin", "custom", "hf")
+# the keys each calib.source reads besides the common ones (dataset, nsamples, seqlen, seed, sampling, ...)
+CALIB_KEYS = {
+    "builtin": (),
+    "custom": ("path", "format", "field", "join"),
+    "hf": ("field", "split", "config", "revision", "join"),
+}
+CALIB_USAGE = {
+    "builtin": "calib=c4 (or wikitext2, ptb, pydocs, pile)",
+    "custom": "calib=custom calib.path=FILE",
+    "hf": "calib=hf calib.dataset=ID",
+}
+
+
+def check_calib(calib: Any) -> None:
+    """The calib group (a typed CalibConfig): a built-in text, a file (calib=custom) or a hub
+    dataset (calib=hf), with only the keys that source reads. Files are read by the preflight."""
+    from experiments.data.calibration import CALIBRATION_DATASETS, SAMPLINGS
+    from experiments.data.custom import CalibrationTextError
+
+    if calib.sampling not in SAMPLINGS:
+        raise ConfigError(f"calib.sampling={calib.sampling!r} is not valid; choose one of: {', '.join(SAMPLINGS)}")
+    for knob in ("nsamples", "seqlen", "batch_size"):
+        if getattr(calib, knob) < 1:
+            raise ConfigError(f"calib.{knob}={getattr(calib, knob)} must be a positive integer")
+    if calib.source not in CALIB_SOURCES:
+        raise ConfigError(
+            f"calib.source={calib.source!r} is not valid; choose one of: {', '.join(CALIB_SOURCES)} "
+            "(or pick the group: calib=custom, calib=hf)"
+        )
+    for key in ("path", "format", "field", "split", "config", "revision", "join"):
+        value = getattr(calib, key)
+        if value == "":
+            raise ConfigError(f"calib.{key} is empty: name it, or drop it for its default")
+        if value is not None and key not in CALIB_KEYS[calib.source]:
+            fix = " or ".join(
+                CALIB_USAGE[s].replace(f"calib.{key}=FILE", "") + f" calib.{key}={value}"
+                for s in CALIB_SOURCES if key in CALIB_KEYS[s]
+            ).replace("  ", " ")
+            what = "a built-in dataset" if calib.source == "builtin" else f"calib={calib.source}"
+            raise ConfigError(
+                f"calib.{key} is not read with {what} (calib.dataset={calib.dataset}): drop it, or use {fix}"
+            )
+    if calib.join is not None and calib.sampling == "awq":
+        raise ConfigError(
+            "calib.join applies to gptq sampling (windows of a joined text); awq sampling takes whole "
+            "documents as lines: drop calib.join or use calib.sampling=gptq"
+        )
+    if calib.source == "builtin" and calib.dataset not in CALIBRATION_DATASETS:
+        raise ConfigError(
+            f"calib.dataset={calib.dataset!r} is not valid; choose one of: {', '.join(CALIBRATION_DATASETS)}; "
+            "for any other text: calib=custom calib.path=FILE, or calib=hf calib.dataset=HUB_ID"
+        )
+    if calib.source == "custom":
+        if calib.dataset != "custom":
+            raise ConfigError(
+                f"calib=custom reads calib.path, so calib.dataset stays 'custom' (not {calib.dataset!r}); "
+                f"for a hub dataset use calib=hf calib.dataset={calib.dataset}"
+            )
+        if not calib.path:
+            raise ConfigError("calib=custom needs calib.path=FILE: a .txt, .jsonl/.json or .parquet file of text")
+        try:
+            calib.spec().source.file_format()  # a known calib.format, or a suffix that tells it
+        except CalibrationTextError as error:
+            raise ConfigError(str(error)) from None
+    if calib.source == "hf" and (not calib.dataset or calib.dataset in ("hf", "custom")):
+        raise ConfigError("calib=hf needs calib.dataset=ID, a hub dataset id (e.g. calib.dataset=allenai/c4)")
+
+
 def override_keys(overrides: list[str] | None) -> dict[str, str]:
     """{key: value} of command-line overrides (`+`/`++` prefixes dropped)."""
     out = {}

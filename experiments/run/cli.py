@@ -111,13 +111,14 @@ def user_error_message(error: BaseException) -> str | None:
     import errno
 
     from experiments.data.calibration import CalibrationDataUnavailable
+    from experiments.data.custom import CalibrationTextError
     from experiments.data.sources import DatasetNotFound, TextTooShort
     from experiments.models.adapters import UnsupportedArchitecture
     from experiments.models.loading import ModelNotAvailable
     from methods.base import ConfigError
 
     if isinstance(error, (ConfigError, ModelNotAvailable, DatasetNotFound, CalibrationDataUnavailable,
-                          UnsupportedArchitecture, TextTooShort)):
+                          UnsupportedArchitecture, TextTooShort, CalibrationTextError)):
         return str(error)
     if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
                                                       errno.EDQUOT):

@@ -19,6 +19,8 @@ import torch
 from experiments.evaluation import zeroshot_and_kl
 from experiments.evaluation.perplexity import perplexity, place_for_eval, release_from_eval
 from experiments.evaluation.statistics import paired_delta
+from experiments.data.calibration import check_chat_template
+from experiments.run.checks import needs_calibration
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config
 from experiments.records.record import RunRecord
@@ -266,6 +268,8 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         # module rules against the model's real linears, before the baseline or calibration
         for name, rules in [(run.method_name, run.modules), *run.comparison_modules.items()]:
             module_rules.check_model(rules, loaded.architecture, loaded.model, get_method_class(name))
+        if run.calib.chat_template and needs_calibration(run):  # before the baseline, not after it
+            check_chat_template(loaded.tokenizer)
         model = loaded.model
         record.data["model"] = {
             "name": base_spec.name, "fingerprint": loaded.fingerprint, "model_type": model.config.model_type,

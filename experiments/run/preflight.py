@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
 
-from experiments.data.calibration import CALIBRATION_SOURCES, calibration_split
+from experiments.data.calibration import CALIBRATION_SOURCES, calibration_split, resolve_calibration_rows
+from experiments.data.custom import CalibrationTextError
 from experiments.data.local_files import LOCAL_FILES
 from experiments.data.protocols import STREAM_TEXTS
 from experiments.data.sources import DatasetNotFound, data_dir, resolve_rows
@@ -81,9 +83,13 @@ def read_text(what: str, name: str, split: str) -> Any:
         ) from None
 
 
-def _check_length(what: str, resolved: Any, join: str | None, min_tokens: int, knob: str) -> None:
+def _check_length(
+    what: str, resolved: Any, join: str | None, min_tokens: int, knob: str, where: Any = None
+) -> None:
+    """`where`: a custom or hub text (its path or id), whose rows are documents a join can pool."""
     rows = resolved.rows
-    where = _local_path(resolved.name, resolved.split) or f"{resolved.name}/{resolved.split}"
+    custom = where is not None
+    where = where or _local_path(resolved.name, resolved.split) or f"{resolved.name}/{resolved.split}"
     if not any(row.strip() for row in rows):
         raise DataError(f"{what}: {where} holds no text (empty file?); replace it with a good copy")
     if join is None:  # documents are tokenized one by one: one of them must fill a window
@@ -92,8 +98,10 @@ def _check_length(what: str, resolved: Any, join: str | None, min_tokens: int, k
         size, unit = len(join.join(rows).encode("utf-8")), "it has"
     if size + SPECIAL_TOKENS_SLACK < min_tokens:
         raise DataError(
-            f"{what}: {where} is too short for one window of {min_tokens} tokens ({unit} only {size} bytes); "
-            f"lower {knob} or use a longer text"
+            f"{what}: {where} is too short for one window of {min_tokens} tokens ({unit} only {size} bytes, "
+            f"{len(rows)} {'documents' if custom else 'rows'} in all); lower {knob} or use a longer text"
+            + ("; or draw from the documents joined into one stream: calib.join=paragraph"
+               if custom and join is None else "")
         )
 
 
@@ -112,16 +120,52 @@ def check_texts(run: Any) -> dict[str, str]:
             _check_length(what, resolved, text.join, seqlen, "eval.ppl.seqlen")
         fingerprints[f"eval:{dataset}"] = resolved.variant
     if needs_calibration(run):
-        calib = run.calib
+        fingerprints["calib"] = check_calibration_text(run.calib)
+    return fingerprints
+
+
+def _read_documents(what: str, spec: Any) -> Any:
+    """A custom file's or hub dataset's documents (custom.py), its errors as DataErrors."""
+    source = spec.source
+    if source.kind == "custom":
+        path = Path(source.path)
+        key = ("custom", _identity(path) if path.is_file() else str(path), source.format, source.field,
+               spec.chat_template)
+    else:
+        key = ("hf", source.dataset, source.config, source.split, source.revision, source.field, spec.chat_template)
+    if key not in _READ:
+        try:
+            _READ[key] = resolve_calibration_rows(spec)
+        except CalibrationTextError as error:
+            raise DataError(f"{what}: {error}") from None
+    return _READ[key]
+
+
+def check_calibration_text(calib: Any) -> str:
+    """The calibration text of a (typed) calib group, read and checked: its variant."""
+    if calib.source == "builtin":
         source, join = CALIBRATION_SOURCES[calib.dataset]
         what = f"calib.dataset={calib.dataset}"
         resolved = read_text(what, source, calibration_split(calib.dataset))
-        if calib.sampling == "awq":  # lines concatenated, then cut into seqlen blocks
-            _check_length(what, resolved, "", calib.seqlen, "calib.seqlen")
-        else:  # a window start randint(0, n - seqlen - 1) needs more than seqlen tokens
-            _check_length(what, resolved, join, calib.seqlen + 1, "calib.seqlen")
-        fingerprints["calib"] = resolved.variant
-    return fingerprints
+        where = None
+    else:
+        spec = calib.spec()
+        what = f"calib={calib.source}"
+        resolved = _read_documents(what, spec)
+        join, where = spec.join, spec.source.path or spec.source.dataset
+        if spec.chat_template:  # the template adds text: only the draw can tell what is too short
+            return resolved.variant
+    if calib.sampling == "awq":  # lines concatenated, then cut into seqlen blocks
+        _check_length(what, resolved, "", calib.seqlen, "calib.seqlen", where)
+    else:  # a window start randint(0, n - seqlen - 1) needs more than seqlen tokens
+        _check_length(what, resolved, join, calib.seqlen + 1, "calib.seqlen", where)
+        wanted = calib.nsamples * calib.seqlen
+        if where is not None and len((join or "").join(resolved.rows).encode()) < wanted:
+            warnings.warn(
+                f"{what}: {where} holds fewer than nsamples x seqlen = {wanted} tokens of text: the "
+                "calibration windows overlap (text repeats across samples)", stacklevel=2,
+            )
+    return resolved.variant
 
 
 def check_tasks(run: Any) -> dict[str, str]:

@@ -15,10 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import methods
-from experiments.data.calibration import CALIBRATION_DATASETS, SAMPLINGS, CalibrationSpec
+from experiments.data.calibration import CalibrationSpec, join_separator
+from experiments.data.custom import TextSource
 from experiments.data.protocols import EVAL_DATASETS
 from experiments.models.loading import DTYPES, ModelSpec
-from experiments.run.checks import check_top_level
+from experiments.run.checks import check_calib, check_top_level
 from experiments.run.module_rules import ModuleRule, parse_rules
 from methods.base import ConfigError, MethodConfig
 
@@ -29,15 +30,33 @@ EVAL_KERNELS = ("auto", "reference", "int4_cpu", "int8_cpu", "int4_cuda")  # ker
 
 @dataclass
 class CalibConfig:
-    dataset: str = "c4"
+    dataset: str | None = "c4"  # a built-in text; "custom" with calib=custom; the hub id with calib=hf
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0
     batch_size: int = 8
     sampling: str = "gptq"  # gptq: random seqlen windows; awq: nsamples lines -> seqlen-token blocks
+    # Any other text (conf/calib/custom.yaml, hf.yaml; experiments/data/custom.py):
+    source: str = "builtin"  # builtin: calib.dataset names one; custom: calib.path; hf: calib.dataset is a hub id
+    path: str | None = None  # custom: the file (relative to the current directory)
+    format: str | None = None  # custom: text, lines, jsonl, parquet; null: from the suffix
+    field: str | None = None  # custom jsonl/parquet, hf: the field holding each document
+    split: str | None = None  # hf
+    config: str | None = None  # hf: the dataset's configuration
+    revision: str | None = None  # hf
+    join: str | None = None  # custom/hf, gptq sampling: null per document; paragraph, newline, space or a string
+    chat_template: bool = False  # each document through the tokenizer's chat template
 
     def spec(self) -> CalibrationSpec:
-        return CalibrationSpec(self.dataset, self.nsamples, self.seqlen, self.seed, self.sampling)
+        text = None
+        if self.source == "custom":
+            path = str(Path(self.path or "").expanduser().absolute())
+            text = TextSource("custom", path=path, format=self.format, field=self.field or "text")
+        elif self.source == "hf":
+            text = TextSource("hf", field=self.field or "text", dataset=self.dataset, config=self.config,
+                              split=self.split or "train", revision=self.revision)
+        return CalibrationSpec(str(self.dataset), self.nsamples, self.seqlen, self.seed, self.sampling, text,
+                               join_separator(self.join), self.chat_template)
 
 
 @dataclass
@@ -237,10 +256,7 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
     model = model_spec(resolved["model"])
     method_name, method = validate_method(resolved["method"])
     calib = _typed(CalibConfig, resolved["calib"], "calib")
-    _choice(calib.dataset, CALIBRATION_DATASETS, "calib.dataset")
-    _choice(calib.sampling, SAMPLINGS, "calib.sampling")
-    for knob in ("nsamples", "seqlen", "batch_size"):
-        _positive(getattr(calib, knob), f"calib.{knob}")
+    check_calib(calib)
     evaluation = _typed(EvalConfig, resolved["eval"], "eval")
     for dataset in evaluation.ppl.datasets:
         _choice(dataset, EVAL_DATASETS, "eval.ppl.datasets entry")

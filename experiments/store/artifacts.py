@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from experiments.data.calibration import calibration_source
 from experiments.models.loading import LoadedModel
 from experiments.models.quantized import (
     WEIGHTS_FILE,
@@ -121,7 +122,8 @@ class QuantizedStore:
         layers = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in config["records"]]
         self.source, self.directory, self.saved_timings = source, directory, config.get("timings")
         if self.calibration.record.data.get("calib") is None and config.get("calib") is not None:
-            self.calibration.record.data["calib"] = config["calib"]
+            # quantized from the same calibration text, perhaps at another path: record this run's
+            self.calibration.record.data["calib"] = {**config["calib"], **calibration_source(self.run.calib.spec())}
         self._copy_to_run()
         skipped = {name: tuple(shape) for name, shape in (config.get("skipped") or {}).items()}
         return QuantizationReport(layers, {}, formats, skipped)

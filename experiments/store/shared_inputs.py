@@ -17,7 +17,12 @@ from typing import Any
 
 import torch
 
-from experiments.data.calibration import CalibrationSpec, calibration_fingerprint, calibration_set
+from experiments.data.calibration import (
+    CalibrationSpec,
+    calibration_fingerprint,
+    calibration_set,
+    calibration_source,
+)
 from experiments.data.protocols import STREAM_TEXTS, EvalWindows, eval_windows
 from experiments.data.sources import dataset_variant
 from experiments.data.tokenization import tokenizer_name
@@ -103,7 +108,8 @@ def cached_calibration_set(
         return {"ids": ids, "fingerprint": fingerprint}
 
     entry = Cache("calibration", root).get_or_compute_tensors(key, compute)
-    return entry["ids"], entry["fingerprint"], key
+    # the entry may come from the same text at another path: this run's source is recorded
+    return entry["ids"], {**entry["fingerprint"], **calibration_source(spec)}, key
 
 
 def block_inputs_key(loaded: LoadedModel, calib_key: dict[str, Any], batch_size: int) -> dict[str, Any]:

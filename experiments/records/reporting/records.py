@@ -114,6 +114,14 @@ def _interval_from_nll_delta(vs_baseline: dict[str, Any]) -> tuple[float | None,
     return (math.exp(low) if low is not None else None, math.exp(high) if high is not None else None)
 
 
+def calib_label(calib: dict[str, Any]) -> str | None:
+    """The calibration text's name; a custom file's or hub dataset's (calib.source) with its
+    content hash, so runs calibrated on different documents never pair as one protocol."""
+    if not calib.get("source"):
+        return calib.get("dataset")
+    return f"{calib.get('dataset')}:{str(calib.get('variant', '')).rsplit('=', 1)[-1]}"
+
+
 def entry_row(record_path: Path, record: dict[str, Any], index: int, entry: dict[str, Any]) -> dict[str, Any]:
     model = record.get("model") or {}
     calib = record.get("calib") or {}
@@ -131,7 +139,7 @@ def entry_row(record_path: Path, record: dict[str, Any], index: int, entry: dict
         "avg_bits": entry.get("avg_bits"), "model_bytes": entry.get("model_bytes"),
         "fp16_model_bytes": record.get("fp16_model_bytes"),
         # The run's calibration set; null for runs whose methods need none (RTN).
-        "calib_dataset": calib.get("dataset"), "calib_nsamples": calib.get("nsamples"),
+        "calib_dataset": calib_label(calib), "calib_nsamples": calib.get("nsamples"),
         "calib_seqlen": calib.get("seqlen"), "calib_seed": calib.get("seed"),
         "seed": record.get("seed"), "config_hash": record.get("config_hash"),
         "tags": ",".join(map(str, record.get("tags") or [])),

@@ -141,6 +141,11 @@ CASES = [
     case("calib-batch-size", "calib.batch_size=0", "calib.batch_size"),
     case("calib-unknown-key", "+calib.foo=1", "calib.foo"),
     case("calib-seed-word", "calib.seed=abc", "calib.seed"),
+    case("calib-path-with-builtin", "method=gptq +calib.path=/tmp/calib.txt", "calib.path"),
+    case("calib-custom-no-path", "method=gptq calib=custom", "calib.path"),
+    case("calib-custom-missing-file", "method=gptq calib=custom calib.path=/nonexistent/calib.jsonl", "calib.path"),
+    case("calib-custom-unknown-suffix", "method=gptq calib=custom calib.path=/tmp/calib.docx", "calib.format"),
+    case("calib-hf-no-id", "method=gptq calib=hf", "calib.dataset"),
     # evaluation
     case("eval-dataset", "eval.ppl.datasets=[wikitext3]", "wikitext3"),
     case("eval-no-dataset", "eval.ppl.datasets=[]", "eval.ppl.datasets"),
