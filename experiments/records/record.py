@@ -29,10 +29,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """Hash of what determines the numbers: the resolved config without paths and logging."""
-    relevant = {
-        k: v for k, v in config.items() if k not in ("paths", "logger", "tags", "hydra", "force", "skip_invalid", "sweep_name")
-    }
+    """Hash of what determines the numbers: the resolved config without paths and logging. `act`
+    counts only when it is on and `observer` only for static ranges, so weight-only runs keep the
+    hash they had before those groups existed (and an unused observer changes nothing)."""
+    dropped = {"paths", "logger", "tags", "hydra", "force", "skip_invalid", "sweep_name"}
+    act = config.get("act") or {}
+    if act.get("bits", 16) == 16:
+        dropped |= {"act", "observer"}
+    elif act.get("mode") != "static":
+        dropped.add("observer")
+    relevant = {k: v for k, v in config.items() if k not in dropped}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
