@@ -19,6 +19,11 @@ from the tensor being quantized; `static` takes them from calibration (an observ
 methods/observers.py) and keeps (scale, zero) fixed: `static_params(lo, hi)` is that conversion,
 the same rule as the dynamic one. bits = 16 is off: the input passes through untouched.
 
+In a model, `attach_input_quantizer(linear, fake_quant)` puts the module in front of any linear
+(nn.Linear holding fake-quant weights, or a kernels/linear.py QuantLinear): a child module named
+`input_quantizer` (so `.to()` and `state_dict` carry its range) and a forward pre-hook that
+replaces the input, so one mechanism serves both evaluation backends.
+
 Values are computed in fp32 and returned in x's dtype: in bf16 / fp16 each value scale * k is
 rounded once more, to that dtype (the grid itself is fp32, as the integer kernel's rescale is).
 """
@@ -115,3 +120,14 @@ class ActivationFakeQuant(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"bits={c.bits}, granularity={c.granularity}, sym={c.sym}, mode={c.mode}"
+
+
+INPUT_QUANTIZER = "input_quantizer"  # the child module's name on its linear
+
+
+def attach_input_quantizer(linear: nn.Module, fake_quant: ActivationFakeQuant) -> None:
+    """y = linear(fake_quant(x)) from now on (see the module docstring); a linear takes one."""
+    if hasattr(linear, INPUT_QUANTIZER):
+        raise ValueError(f"{type(linear).__name__} already has an {INPUT_QUANTIZER}")
+    linear.add_module(INPUT_QUANTIZER, fake_quant)
+    linear.register_forward_pre_hook(lambda module, args: (module.input_quantizer(args[0]), *args[1:]))

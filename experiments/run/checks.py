@@ -271,7 +271,25 @@ def _methods(run: Any) -> list[Any]:
 
 
 def needs_calibration(run: Any) -> bool:
-    return any(method.needs_calibration for method in _methods(run))
+    """Whether the run reads calibration data: a method needs it, or static activation ranges do."""
+    return run.act.static or any(method.needs_calibration for method in _methods(run))
+
+
+def _activations(run: Any) -> None:
+    """What activation quantization cannot combine with (schema.py checked the act group itself)."""
+    if not run.act.quantizer().enabled:
+        return
+    runtimes = [method.name for method in _methods(run) if method.runtime is not None]
+    if runtimes:
+        raise ConfigError(
+            f"method={runtimes[0]} quantizes its activations inside its own runtime (its method.mode), so act="
+            f"{run.act.bits}-bit fake-quant cannot apply to it: use act=none"
+        )
+    if run.act.static and run.model.source == "quantized":
+        raise ConfigError(
+            "act.mode=static calibrates its ranges while the run quantizes; a saved model (model.source=quantized) "
+            "holds weights only: use act.mode=dynamic (act=int8_per_token), or quantize in this run"
+        )
 
 
 def _runtime_methods(run: Any) -> None:
@@ -311,6 +329,7 @@ def check_run(run: Any, overrides: list[str] | None = None) -> None:
     check_export(run)
     _device(run.model)
     _runtime_methods(run)
+    _activations(run)
     if run.model.source == "random":
         _random_model(run.model)
     ppl = run.eval.ppl

@@ -25,7 +25,7 @@ from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config
 from experiments.records.record import RunRecord
 from experiments.records.tracking import make_tracker
-from experiments.run import allocation_files
+from experiments.run import activations, allocation_files
 from experiments.run import module_rules
 from experiments.run.pipeline import QuantizationReport, quantize_model
 from experiments.run.schema import RunConfig
@@ -159,13 +159,16 @@ def _quantize_and_evaluate(
     release_from_eval(model)
     store = QuantizedStore(run, loaded, method, calibration, run_dir)
     start = time.perf_counter()
-    report = store.load() if method.quantizes_weights else None  # a saved or cached quantization
+    # static activation ranges are calibrated while quantizing; an artifact holds weights only
+    static = activations.StaticCalibration(run.act, run.observer) if run.act.static else None
+    report = store.load() if method.quantizes_weights and static is None else None  # a saved or cached quantization
     if report is None:
-        calib_ids = calibration.get() if method.needs_calibration else None
-        inputs, inputs_s = calibration.block_inputs(loaded) if method.needs_calibration else (None, 0.0)
+        needs_data = method.needs_calibration or static is not None
+        calib_ids = calibration.get() if needs_data else None
+        inputs, inputs_s = calibration.block_inputs(loaded) if needs_data else (None, 0.0)
         report = quantize_model(
             model, arch, method, calib_ids, loaded.device, run.calib.batch_size, progress=progress,
-            block_inputs=inputs, rules=store.rules,
+            block_inputs=inputs, rules=store.rules, activations=static,
         )
         timings = {"quantize_s": time.perf_counter() - start}
         if inputs is not None:
@@ -198,13 +201,15 @@ def _quantize_and_evaluate(
         }
     elif report.formats:
         quantized_model["eval_backend"] = {"backend": "fake"}
+    act_linears = activations.attach(model, arch, run.act, report.skipped, report.act_ranges)
+    changes_model = method.quantizes_weights or act_linears > 0  # else the baseline's numbers are its own
     place_for_eval(model, arch, loaded.device)
     start = time.perf_counter()
     metrics: dict[str, dict] = {}
     extras = extras or zeroshot_and_kl.Baseline()
     kl: dict[str, dict] = {}
     for dataset, windows in sets.items():
-        if not method.quantizes_weights:
+        if not changes_model:
             metrics[dataset] = dict(baseline[dataset])
             if (same := zeroshot_and_kl.identical_kl(extras, dataset)) is not None:
                 kl[dataset] = same
@@ -217,7 +222,7 @@ def _quantize_and_evaluate(
                 kl[dataset] = observer.result()
         metrics[dataset]["vs_baseline"] = paired_delta(metrics[dataset]["window_nll"], baseline[dataset]["window_nll"])
     timings["eval_s"] = time.perf_counter() - start
-    zeroshot = zeroshot_and_kl.evaluate(model, loaded.tokenizer, run, extras, method.quantizes_weights)
+    zeroshot = zeroshot_and_kl.evaluate(model, loaded.tokenizer, run, extras, changes_model)
     if zeroshot:
         timings["tasks_s"] = zeroshot["seconds"]
     return {
@@ -225,7 +230,9 @@ def _quantize_and_evaluate(
         **({"export": exported} if exported else {}),
         "layers": [r.as_dict() for r in report.layers],
         **({"module_rules": module_rules.summary(store.rules, report.layers, report.skipped)} if store.rules else {}),
-        "avg_bits": report.avg_bits if report.layers else 16.0,
+        "avg_bits": report.avg_bits if report.layers else 16.0,  # weights only; act_bits beside it
+        "act_bits": run.act.bits,
+        "act": activations.record_entry(run.act, run.observer, report.act_ranges, act_linears),
         **sizes,
         "metrics": {"ppl": metrics, **({"kl": kl} if kl else {}),
                     **({"tasks": zeroshot["tasks"], "delta": zeroshot["delta"]} if zeroshot else {})},

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from experiments.models.adapters import Architecture
+from experiments.run.activations import BlockObservers, StaticCalibration
 from kernels import QuantizedWeight
 from kernels.format import WeightFormat
 from experiments.run.module_rules import RUN_WIDE, SKIPPED_BITS, ModuleRule, segments
@@ -100,6 +101,8 @@ class QuantizationReport:
     formats: dict[str, WeightFormat] = field(default_factory=dict)
 
     skipped: dict[str, tuple[int, int]] = field(default_factory=dict)  # linears a module rule left alone: shape
+    # static activation ranges by full linear name (experiments/run/activations.py), when calibrated
+    act_ranges: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def avg_bits(self) -> float | None:
@@ -204,6 +207,9 @@ class DecoderBlockView:
         self.formats: dict[str, WeightFormat] = {}
         self.arch = arch
         self.consumed = False  # a last_pass run replaced the inputs by mid-block residuals
+        # last_pass may swap inputs for mid-block residuals, unless the propagating forward must
+        # run the whole block (observers watch every linear's input on it)
+        self.keep_residuals = True
 
     def _require_inputs(self) -> BlockInputs:
         if self.inputs is None:
@@ -236,7 +242,7 @@ class DecoderBlockView:
 
             handles.append(linear.register_forward_pre_hook(pre_hook))
         residuals: list[torch.Tensor] = []
-        keep_residual = last_pass and self.arch.residual_checkpoint is not None and self.arch.finish_supported(self.block)
+        keep_residual = last_pass and self.keep_residuals and self.arch.residual_checkpoint is not None and self.arch.finish_supported(self.block)
         if keep_residual:
             checkpoint = self.block.get_submodule(self.arch.residual_checkpoint)
             handles.append(checkpoint.register_forward_pre_hook(lambda _m, args: residuals.append(args[0])))
@@ -286,9 +292,20 @@ class DecoderBlockView:
         return [_block_output(self.block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs)]
 
     @torch.no_grad()
-    def advance_in_place(self) -> None:
+    def advance_in_place(self, hooks: Mapping[str, LinearHook] | None = None) -> None:
         """Replace each input chunk by the block's output, one chunk at a time, so that inputs and
-        outputs never both live in memory in full."""
+        outputs never both live in memory in full. `hooks` see the linears' inputs on the way
+        (the block runs whole: not after a last_pass)."""
+        if hooks:
+            assert not self.consumed, "hooks need the whole block: set keep_residuals=False"
+            handles = [self.linears[name].register_forward_pre_hook(lambda _m, args, _h=hook: _h(args[0]))
+                       for name, hook in hooks.items()]
+            try:
+                self.advance_in_place()
+            finally:
+                for handle in handles:
+                    handle.remove()
+            return
         if self.consumed:
             assert self.inputs is not None and self.arch.finish_block is not None
             for i, residual in enumerate(self.inputs.hidden):
@@ -376,19 +393,24 @@ def quantize_model(
     progress: bool = True,
     block_inputs: BlockInputs | None = None,
     rules: list[ModuleRule] | None = None,
+    activations: StaticCalibration | None = None,
 ) -> QuantizationReport:
     """Quantize every decoder-block linear of `model` in place with `method`. `block_inputs`:
     block 0's inputs captured beforehand (from the cache); they are consumed (overwritten).
     `rules`: the run's module rules (experiments/run/module_rules.py), each with its own config of
-    the same method; linears no rule matches get `method`, skipped ones stay as they are."""
+    the same method; linears no rule matches get `method`, skipped ones stay as they are.
+    `activations`: calibrate static activation ranges of the quantized linears' inputs on the
+    way (experiments/run/activations.py says which inputs the observers see); they land in
+    `act_ranges`. Then even a data-free method's run propagates the calibration inputs."""
     from tqdm.auto import tqdm
 
     seconds: dict[str, float] = {}
     blocks = arch.block_list(model)
-    inputs: BlockInputs | None = block_inputs if method.needs_calibration else None
-    if method.needs_calibration and inputs is None:
+    needs_inputs = method.needs_calibration or activations is not None
+    inputs: BlockInputs | None = block_inputs if needs_inputs else None
+    if needs_inputs and inputs is None:
         if calib_ids is None:
-            raise ValueError(f"method {method.name!r} needs calibration data")
+            raise ValueError(f"method {method.name!r} needs calibration data (or static activation ranges do)")
         start = time.perf_counter()
         inputs = capture_block_inputs(model, arch, calib_ids, device, batch_size)
         seconds["capture_s"] = time.perf_counter() - start
@@ -401,11 +423,13 @@ def quantize_model(
     methods = {rule.index: type(method)(rule.config) for rule in rules if not rule.skip}
     for rule_index, other in methods.items():  # parse_rules refuses these before the model loads
         assert all(getattr(other, a) == getattr(method, a) for a in RUN_WIDE), f"modules[{rule_index}]"
+    act_ranges: dict[str, dict[str, Any]] = {}
     method_s = forward_s = 0.0
     for index in tqdm(range(len(blocks)), desc=f"{method.name}: blocks", disable=not progress):
         block = blocks[index]
         with _on_device([block], device):
             view = DecoderBlockView(index, f"{arch.blocks}.{index}", block, arch, inputs)
+            view.keep_residuals = activations is None
             start = time.perf_counter()
             float_outputs = view.outputs() if inputs is not None and method.propagation == "float" else None
             forward_s += time.perf_counter() - start
@@ -419,16 +443,26 @@ def quantize_model(
             missing -= {name.removeprefix(view.name + ".") for name in skipped}
             if method.quantizes_weights and missing:
                 raise RuntimeError(f"method {method.name!r} left {sorted(missing)} of {view.name} unquantized")
+            observers = None
+            if activations is not None:
+                targets = [name for name in view.linears if f"{view.name}.{name}" not in skipped]
+                observers = BlockObservers(view, targets, activations)
             start = time.perf_counter()
             if float_outputs is not None:
+                if observers is not None:  # the float forward ran before the method: one more, quantized
+                    view.run(hooks=observers.hooks())
                 inputs.hidden = float_outputs
             elif inputs is not None:
-                view.advance_in_place()
+                view.advance_in_place(observers.hooks() if observers is not None else None)
             forward_s += time.perf_counter() - start
+            if observers is not None:
+                act_ranges.update(observers.ranges(view.name))
             records.extend(view.records)
             formats.update(view.formats)
     seconds["method_s"] = method_s
-    seconds["block_forward_s"] = forward_s
+    seconds["block_forward_s"] = forward_s  # observer updates included
+    if activations is not None:
+        seconds["observer_s"] = sum(r["observer_seconds"] for r in {r["input_of"]: r for r in act_ranges.values()}.values())
     clamped = sorted({(r.group_size, r.shape[1]) for r in records if r.group_size_effective != r.group_size})
     if clamped:
         log.warning(
@@ -436,4 +470,4 @@ def quantize_model(
             "their layer records say group_size_effective=-1", clamped[0][0],
             sum(r.group_size_effective != r.group_size for r in records), sorted({w for _, w in clamped}),
         )
-    return QuantizationReport(records, seconds, formats, skipped)
+    return QuantizationReport(records, seconds, formats, skipped, act_ranges)

@@ -21,7 +21,9 @@ from experiments.data.protocols import EVAL_DATASETS
 from experiments.models.loading import DTYPES, ModelSpec
 from experiments.run.checks import check_calib, check_top_level
 from experiments.run.module_rules import ModuleRule, parse_rules
+from kernels.activations import ActivationQuantizer
 from methods.base import ConfigError, MethodConfig
+from methods.observers import OBSERVERS, Observer, make_observer, observer_options
 
 MODEL_SOURCES = ("hub", "local", "gguf", "package_gguf", "random", "quantized")
 EVAL_BACKENDS = ("fake", "packed")  # experiments/models/quantized.py apply_formats
@@ -94,6 +96,69 @@ class EvalConfig:
 
 
 @dataclass
+class ActConfig:
+    """`act=<preset>`: fake-quant of every quantized linear's input in the evaluated model
+    (kernels/activations.py; README "Weight + activation quantization"). bits 16: off."""
+
+    bits: int = 16
+    granularity: str = "per_token"  # per_token (dynamic only) or per_tensor
+    sym: bool = True
+    mode: str = "dynamic"  # dynamic: each tensor's own range at run time; static: ranges from calibration
+
+    def quantizer(self) -> ActivationQuantizer:
+        return ActivationQuantizer(self.bits, self.granularity, self.sym, self.mode)  # type: ignore[arg-type]
+
+    @property
+    def static(self) -> bool:
+        return self.bits != 16 and self.mode == "static"
+
+
+@dataclass
+class ObserverConfig:
+    """`observer=<name>`: the statistic that fixes static activation ranges (methods/observers.py).
+    Options left null keep the observer's own default; an option another observer owns is refused."""
+
+    name: str = "min_max"
+    momentum: float | None = None  # moving_average
+    percentile: float | None = None  # percentile
+    tail_capacity: int | None = None  # percentile
+    num_bins: int | None = None  # entropy, mse
+    start_bin: int | None = None  # entropy
+    num_candidates: int | None = None  # mse
+
+    def options(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "name" and v is not None}
+
+    def make(self, act: ActConfig) -> Observer:
+        """One observer for one linear input, on the grid of `act`."""
+        return make_observer(self.name, bits=act.bits, sym=act.sym, **self.options())
+
+
+def _validate_act(act: ActConfig, observer: ObserverConfig) -> None:
+    """act and observer together: the quantizer's own rules, then an observer only where one is used."""
+    try:
+        act.quantizer()
+    except ValueError as error:
+        raise ConfigError(f"config group 'act': {error} (presets: act=none, int8_per_token, int8_static, "
+                          "int4_per_token)") from None
+    _choice(observer.name, tuple(OBSERVERS), "observer")
+    wrong = sorted(set(observer.options()) - set(observer_options(observer.name)))
+    if wrong:
+        raise ConfigError(f"observer={observer.name} takes no {', '.join(wrong)} (its options: "
+                          f"{', '.join(observer_options(observer.name)) or 'none'}): drop observer.{wrong[0]}")
+    if not act.static:
+        if observer != ObserverConfig():  # the default observer goes unused quietly; a chosen one is refused
+            why = "act is off (act.bits=16)" if act.bits == 16 else "act.mode=dynamic takes each range at run time"
+            raise ConfigError(f"observer={observer.name} sets static activation ranges, but {why}: use "
+                              "act=int8_static (act.mode=static act.granularity=per_tensor), or drop observer=")
+        return
+    try:
+        observer.make(act)
+    except ValueError as error:
+        raise ConfigError(f"config group 'observer': {error}") from None
+
+
+@dataclass
 class LoggerConfig:
     name: str = "none"
     project: str = "quantlab"
@@ -160,6 +225,8 @@ class RunConfig:
     # per-module rules (experiments/run/module_rules.py), parsed for the method and for each compare_with
     modules: list[ModuleRule] = field(default_factory=list)
     comparison_modules: dict[str, list[ModuleRule]] = field(default_factory=dict)
+    act: ActConfig = field(default_factory=ActConfig)
+    observer: ObserverConfig = field(default_factory=ObserverConfig)
 
 
 def _typed(schema: type, section: Any, group: str) -> Any:
@@ -297,6 +364,9 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
         if group_loader is None:
             raise ConfigError("random models need a loader for the model they borrow a tokenizer from")
         tokenizer_model = model_spec(group_loader("model", model.tokenizer))
+    act = _typed(ActConfig, resolved.get("act") or {}, "act")
+    observer = _typed(ObserverConfig, resolved.get("observer") or {}, "observer")
+    _validate_act(act, observer)
     comparisons = _comparisons(resolved, group_loader)
     modules, comparison_modules = _module_rules(resolved, method_name, method, comparisons, model)
     return RunConfig(
@@ -305,6 +375,7 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
         seed=int(resolved["seed"]), name=str(resolved["name"]), tags=list(resolved.get("tags") or []),
         tokenizer_model=tokenizer_model, comparisons=comparisons, expected=expected,
         save_model=save_model, export=export, modules=modules, comparison_modules=comparison_modules,
+        act=act, observer=observer,
     )
 
 

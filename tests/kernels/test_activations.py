@@ -83,3 +83,23 @@ def test_invalid_configs_name_the_knob():
         ActivationFakeQuant(ActivationQuantizer(8, "per_tensor", mode="static"))(torch.randn(2, 4))
     with pytest.raises(ValueError, match="static"):
         ActivationFakeQuant(ActivationQuantizer(8)).calibrate(torch.tensor(-1.0), torch.tensor(1.0))
+
+
+def test_an_attached_input_quantizer_runs_in_front_of_linear_and_quantlinear():
+    from kernels.activations import attach_input_quantizer
+    from kernels.linear import QuantLinear
+    from methods.quantizer import Grid
+    from methods.rtn import round_to_nearest
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    config = ActivationQuantizer(4, "per_token", sym=True)
+    packed = QuantLinear.from_format(round_to_nearest(linear.weight, Grid(8, sym=True, zero_in_range=False), -1),
+                                     linear.bias, backend="reference")
+    expected = {id(m): m(config.fake_quantize(x)) for m in (linear, packed)}
+    for module in (linear, packed):
+        attach_input_quantizer(module, ActivationFakeQuant(config))
+        assert torch.equal(module(x), expected[id(module)])
+        with pytest.raises(ValueError, match="already has"):
+            attach_input_quantizer(module, ActivationFakeQuant(config))

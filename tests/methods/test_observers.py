@@ -216,3 +216,21 @@ def test_every_registered_observer_takes_the_common_options():
         assert lo.item() < 0 < hi.item() <= x.abs().max().item() * (1 + 1 / 64)
         with pytest.raises(ValueError, match="before any update"):
             make_observer(name).range()
+
+
+def test_clipped_fraction_counts_the_values_outside_the_range():
+    from methods.observers import make_observer
+
+    x = torch.arange(1, 10001, dtype=torch.float32)  # 1 .. 10000
+    exact = make_observer("min_max", sym=False)
+    exact.update(x)
+    assert exact.clipped_fraction() == 0.0
+    tail = make_observer("percentile", percentile=99.0, sym=False)
+    tail.update(x)
+    lo, hi = (float(v) for v in tail.range())
+    assert tail.clipped_fraction() == ((x < lo).sum() + (x > hi).sum()).item() / x.numel()
+    histogram = make_observer("mse", sym=True, bits=4)
+    histogram.update(torch.randn(20000, generator=torch.Generator().manual_seed(0)))
+    lo, hi = (float(v) for v in histogram.range())
+    assert 0 <= histogram.clipped_fraction() < 0.05
+    assert make_observer("moving_average").clipped_fraction() is None

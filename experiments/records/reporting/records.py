@@ -31,12 +31,12 @@ FP16 = "fp16"  # the method that quantizes nothing: its rows sit at 16 bits per 
 RUN_COLUMNS = [
     "run_dir", "record_path", "entry_index", "status", "error", "name", "model", "method", "method_options", "bits",
     "group_size",
-    "avg_bits", "model_bytes", "fp16_model_bytes", "calib_dataset", "calib_nsamples", "calib_seqlen",
+    "avg_bits", "act_bits", "act", "model_bytes", "fp16_model_bytes", "calib_dataset", "calib_nsamples", "calib_seqlen",
     "calib_seed", "seed", "config_hash", "tags", "expected_source", "quantize_s", "eval_s", "started_at",
     "finished_at",
 ]
 # Integer fields, kept integral (nullable) so that a missing value does not turn 4 into 4.0.
-INTEGER_COLUMNS = ["entry_index", "bits", "group_size", "model_bytes", "fp16_model_bytes", "calib_nsamples",
+INTEGER_COLUMNS = ["entry_index", "bits", "group_size", "act_bits", "model_bytes", "fp16_model_bytes", "calib_nsamples",
                    "calib_seqlen", "calib_seed", "seed"]
 # Identifies "the same method entry of the same configuration" across run directories.
 DUPLICATE_KEY = ["config_hash", "entry_index", "method", "bits", "group_size"]
@@ -114,12 +114,24 @@ def _interval_from_nll_delta(vs_baseline: dict[str, Any]) -> tuple[float | None,
     return (math.exp(low) if low is not None else None, math.exp(high) if high is not None else None)
 
 
+<<<<<<< HEAD
 def calib_label(calib: dict[str, Any]) -> str | None:
     """The calibration text's name; a custom file's or hub dataset's (calib.source) with its
     content hash, so runs calibrated on different documents never pair as one protocol."""
     if not calib.get("source"):
         return calib.get("dataset")
     return f"{calib.get('dataset')}:{str(calib.get('variant', '')).rsplit('=', 1)[-1]}"
+=======
+def act_label(act: dict[str, Any] | None) -> str | None:
+    """The activation setting in a few words ("per_token sym dynamic", "per_tensor sym static
+    percentile"); None when activations stay in full precision."""
+    if not act or act.get("bits", 16) == 16:
+        return None
+    words = [act["granularity"], "sym" if act["sym"] else "asym", act["mode"]]
+    if act.get("observer"):
+        words.append(act["observer"]["name"])
+    return " ".join(words)
+>>>>>>> act
 
 
 def entry_row(record_path: Path, record: dict[str, Any], index: int, entry: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +149,8 @@ def entry_row(record_path: Path, record: dict[str, Any], index: int, entry: dict
         "method_options": method_options(entry.get("method"), entry.get("config") or {}),
         "bits": bits, "group_size": group_size,
         "avg_bits": entry.get("avg_bits"), "model_bytes": entry.get("model_bytes"),
+        # activation quantization (records before it existed: 16, off); `act` names the rest of it
+        "act_bits": entry.get("act_bits", 16), "act": act_label(entry.get("act")),
         "fp16_model_bytes": record.get("fp16_model_bytes"),
         # The run's calibration set; null for runs whose methods need none (RTN).
         "calib_dataset": calib_label(calib), "calib_nsamples": calib.get("nsamples"),

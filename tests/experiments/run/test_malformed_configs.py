@@ -132,6 +132,17 @@ CASES = [
     case("expected-not-evaluated", "+expected.source=x +expected.ppl.wikitext2=5", "expected.ppl"),
     case("expected-not-a-number", "+expected.source=x +expected.ppl.pydocs=abc", "expected.ppl.pydocs"),
     # calibration
+    # activation quantization and observers (experiments/run/schema.py ActConfig, ObserverConfig)
+    case("act-bits", "act.bits=9", "act.bits"),
+    case("act-granularity", "act=int8_per_token act.granularity=per_row", "act.granularity"),
+    case("act-static-per-token", "act=int8_per_token act.mode=static", "act.granularity=per_tensor"),
+    case("act-unknown-key", "+act.clip=true", "clip"),
+    case("observer-without-static", "observer=percentile", "act=int8_static"),
+    case("observer-with-dynamic", "act=int8_per_token observer=mse", "act.mode=dynamic"),
+    case("observer-foreign-option", "act=int8_static +observer.momentum=0.1", "observer.momentum"),
+    case("observer-bad-option", "act=int8_static observer=percentile observer.percentile=20", "observer.percentile"),
+    case("observer-entropy-asym", "act=int8_static act.sym=false observer=entropy", "act.sym=true"),
+    case("act-with-onnx", "act=int8_per_token method=onnx_int8", "act=none"),
     case("calib-dataset", "calib.dataset=imagenet", "calib.dataset"),
     case("calib-nsamples", "calib.nsamples=0", "calib.nsamples"),
     case("calib-nsamples-word", "calib.nsamples=abc", "calib.nsamples"),

@@ -27,13 +27,16 @@ def test_every_experiment_composes_and_validates(experiment):
 
 @pytest.mark.parametrize(
     ("group", "choice"),
-    [(g, c) for g in ("model", "method", "calib", "eval", "logger", "export") for c in options(g)
+    [(g, c) for g in ("model", "method", "calib", "eval", "logger", "export", "act", "observer", "rules")
+     for c in options(g)
      # these need their own key (model.path, calib.path, calib.dataset): tested with it
      if (g, c) not in (("model", "quantized"), ("calib", "custom"), ("calib", "hf"))],
 )
 def test_every_group_option_validates(group, choice):
-    run = validate(compose_config(f"{group}={choice}"), load_group_option)
-    check_run(run, [f"{group}={choice}"])
+    # an observer is refused unless static ranges use it
+    overrides = [f"{group}={choice}", *(["act=int8_static"] if group == "observer" else [])]
+    run = validate(compose_config(*overrides), load_group_option)
+    check_run(run, overrides)
     assert run is not None
 
 

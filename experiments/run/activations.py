@@ -1,0 +1,114 @@
+"""Activation quantization of a run (README, "Weight + activation quantization"): the static
+ranges the block driver calibrates (`StaticCalibration`, `BlockObservers`), the input quantizers
+put into the evaluated model (`attach`), and the record's `act` entry (`record_entry`).
+
+The grid and the fake-quant module are kernels/activations.py's; the observers are
+methods/observers.py's. Which inputs the observers see (a choice, stated once here): each block's
+linear inputs on the driver's calibration pass *after* the method has quantized that block, so
+within the block they come from its quantized (and, for SmoothQuant / AWQ, rescaled) weights, and
+the block's inputs are the ones the driver propagates for the method (quantized propagation: the
+outputs of the earlier quantized blocks; float propagation: full-precision ones). The earlier
+blocks' activation quantizers are *not* applied on that pass: doing so needs each block's ranges
+before its own outputs are computed, i.e. one more block forward per block, over the 20% budget
+of observer cost. With quantized propagation the observers ride on the forward that propagates
+the block (no extra forward); with float propagation that forward ran before the method, so
+observing costs one extra forward of the quantized block.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kernels.activations import ActivationFakeQuant, attach_input_quantizer
+from methods.block import LinearHook
+from methods.hessian import input_representatives
+
+from experiments.run.schema import ActConfig, ObserverConfig
+
+
+@dataclass
+class StaticCalibration:
+    """What the driver needs to fix static ranges: the grid (act) and the statistic (observer)."""
+
+    act: ActConfig
+    observer: ObserverConfig
+
+
+class BlockObservers:
+    """One observer per distinct input of a block's quantized linears (q/k/v share one), fed by
+    hooks on the first linear that receives it (methods/hessian.py `input_representatives`)."""
+
+    def __init__(self, view: Any, targets: list[str], calibration: StaticCalibration) -> None:
+        representative = input_representatives(view)
+        self.calibration = calibration
+        self.source = {name: representative[name] for name in targets}
+        self.observers = {s: calibration.observer.make(calibration.act) for s in dict.fromkeys(self.source.values())}
+        self.seconds = dict.fromkeys(self.observers, 0.0)
+
+    def hooks(self) -> dict[str, LinearHook]:
+        def timed(source: str) -> LinearHook:
+            observer = self.observers[source]
+
+            def hook(x: torch.Tensor) -> None:
+                start = time.perf_counter()
+                observer.update(x)
+                self.seconds[source] += time.perf_counter() - start
+            return hook
+
+        return {source: timed(source) for source in self.observers}
+
+    def ranges(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """{full linear name: the record of its input's range}; the observer's search timed too."""
+        quantizer = self.calibration.act.quantizer()
+        per_source = {}
+        for source, observer in self.observers.items():
+            start = time.perf_counter()
+            lo, hi = observer.range()
+            scale, zero = quantizer.static_params(lo, hi)
+            clipped = observer.clipped_fraction()
+            self.seconds[source] += time.perf_counter() - start
+            per_source[source] = {
+                "observer": self.calibration.observer.name, "input_of": f"{prefix}.{source}",
+                "lo": float(lo), "hi": float(hi), "scale": float(scale), "zero": float(zero),
+                "clipped_fraction": clipped, "observer_seconds": self.seconds[source],
+            }
+        return {f"{prefix}.{name}": dict(per_source[source]) for name, source in self.source.items()}
+
+
+def attach(model: nn.Module, arch: Any, act: ActConfig, skipped: dict[str, Any], ranges: dict[str, dict]) -> int:
+    """An input fake-quant in front of every decoder linear but the skipped ones (static: at its
+    calibrated range); works on nn.Linear (eval.backend=fake) and QuantLinear (packed) alike.
+    Returns how many linears got one."""
+    quantizer = act.quantizer()
+    if not quantizer.enabled:
+        return 0
+    count = 0
+    for index, block in enumerate(arch.block_list(model)):
+        for name, linear in arch.block_linears(block).items():
+            full = f"{arch.blocks}.{index}.{name}"
+            if full in skipped:
+                continue
+            fake_quant = ActivationFakeQuant(quantizer)
+            if act.static:
+                fake_quant.calibrate(torch.tensor(ranges[full]["lo"]), torch.tensor(ranges[full]["hi"]))
+            device = next(itertools.chain(linear.parameters(), linear.buffers())).device
+            attach_input_quantizer(linear, fake_quant.to(device))
+            count += 1
+    return count
+
+
+def record_entry(act: ActConfig, observer: ObserverConfig, ranges: dict[str, dict], count: int) -> dict[str, Any]:
+    """The record's `act`: the settings, how many linears were quantized, and for static ranges
+    the observer with each linear's range (`layers`, beside the weight records' `layers`)."""
+    entry: dict[str, Any] = asdict(act)
+    entry["quantized_linears"] = count
+    if act.static:
+        entry["observer"] = {"name": observer.name, **observer.options()}
+        entry["layers"] = ranges
+    return entry
