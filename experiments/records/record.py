@@ -29,15 +29,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def config_hash(config: dict[str, Any]) -> str:
-<<<<<<< HEAD
-    """Hash of what determines the numbers: the resolved config without paths and logging."""
-    relevant = {
-        k: v for k, v in config.items() if k not in ("paths", "logger", "tags", "hydra", "force", "skip_invalid", "sweep_name")
-    }
-    if isinstance(relevant.get("calib"), dict) and "path" in relevant["calib"]:
-        # a calibration file's content is in data_fingerprints: moving the file changes nothing
-        relevant["calib"] = {k: v for k, v in relevant["calib"].items() if k != "path"}
-=======
     """Hash of what determines the numbers: the resolved config without paths and logging. `act`
     counts only when it is on and `observer` only for static ranges, so weight-only runs keep the
     hash they had before those groups existed (and an unused observer changes nothing)."""
@@ -47,8 +38,12 @@ def config_hash(config: dict[str, Any]) -> str:
         dropped |= {"act", "observer"}
     elif act.get("mode") != "static":
         dropped.add("observer")
+    if not config.get("modules"):
+        dropped.add("modules")  # no per-module rules: the hash runs had before rules existed
     relevant = {k: v for k, v in config.items() if k not in dropped}
->>>>>>> act
+    if isinstance(relevant.get("calib"), dict) and "path" in relevant["calib"]:
+        # a calibration file's content is in data_fingerprints: moving the file changes nothing
+        relevant["calib"] = {k: v for k, v in relevant["calib"].items() if k != "path"}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -114,14 +114,14 @@ def _interval_from_nll_delta(vs_baseline: dict[str, Any]) -> tuple[float | None,
     return (math.exp(low) if low is not None else None, math.exp(high) if high is not None else None)
 
 
-<<<<<<< HEAD
 def calib_label(calib: dict[str, Any]) -> str | None:
     """The calibration text's name; a custom file's or hub dataset's (calib.source) with its
     content hash, so runs calibrated on different documents never pair as one protocol."""
     if not calib.get("source"):
         return calib.get("dataset")
     return f"{calib.get('dataset')}:{str(calib.get('variant', '')).rsplit('=', 1)[-1]}"
-=======
+
+
 def act_label(act: dict[str, Any] | None) -> str | None:
     """The activation setting in a few words ("per_token sym dynamic", "per_tensor sym static
     percentile"); None when activations stay in full precision."""
@@ -131,7 +131,6 @@ def act_label(act: dict[str, Any] | None) -> str | None:
     if act.get("observer"):
         words.append(act["observer"]["name"])
     return " ".join(words)
->>>>>>> act
 
 
 def entry_row(record_path: Path, record: dict[str, Any], index: int, entry: dict[str, Any]) -> dict[str, Any]:
