@@ -19,7 +19,7 @@ TINY = [
     "model=tiny-llama", "method=rtn", "bits=4", "group_size=32", "calib=pydocs", "calib.nsamples=4",
     "calib.seqlen=64", "eval.ppl.datasets=[pydocs]", "eval.ppl.seqlen=64", "eval.ppl.max_windows=6",
 ]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

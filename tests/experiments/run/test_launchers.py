@@ -17,7 +17,7 @@ from experiments.store.cache import computations, read_events
 from tests.conftest import run_quantlab
 from tests.experiments.store.test_shared_inputs import kinds, private_cache
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TINY_SWEEP = [
     "model=tiny-llama",
     "group_size=32",

@@ -13,7 +13,7 @@ import pandas as pd
 
 from experiments.records.reporting import load_runs
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SWEEP = [
     "-m", "model=tiny-llama", "method=rtn", "bits=3,4", "group_size=32,64", "eval.ppl.datasets=[pydocs]",
     "eval.ppl.seqlen=64", "eval.ppl.max_windows=400",

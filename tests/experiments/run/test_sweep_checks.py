@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TINY = [
     "model=tiny-llama", "method=rtn", "group_size=32", "eval.ppl.datasets=[pydocs]", "eval.ppl.seqlen=32",
     "eval.ppl.max_windows=2",

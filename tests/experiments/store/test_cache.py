@@ -15,7 +15,7 @@ import torch
 
 from experiments.store.cache import Cache, build_dir_once, computations, key_hash, read_events
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 KEY = {"model": "m", "calib": {"dataset": "pydocs", "nsamples": 4}, "batch_size": 2}
 
 
