@@ -22,8 +22,8 @@ layout, added after the product (tests/methods/test_gptq_reference_numerics.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 
 import torch
 

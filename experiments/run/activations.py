@@ -25,11 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from experiments.run.schema import ActConfig, ObserverConfig
 from kernels.activations import ActivationFakeQuant, attach_input_quantizer
 from methods.block import LinearHook
 from methods.hessian import input_representatives
-
-from experiments.run.schema import ActConfig, ObserverConfig
 
 
 @dataclass

@@ -16,17 +16,16 @@ from typing import Any
 
 import torch
 
+from experiments.data.calibration import check_chat_template
 from experiments.evaluation import zeroshot_and_kl
 from experiments.evaluation.perplexity import perplexity, place_for_eval, release_from_eval
 from experiments.evaluation.statistics import paired_delta
-from experiments.data.calibration import check_chat_template
-from experiments.run.checks import needs_calibration
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config
 from experiments.records.record import RunRecord
 from experiments.records.tracking import make_tracker
-from experiments.run import activations, allocation_files
-from experiments.run import module_rules
+from experiments.run import activations, allocation_files, module_rules
+from experiments.run.checks import needs_calibration
 from experiments.run.pipeline import QuantizationReport, quantize_model
 from experiments.run.schema import RunConfig
 from experiments.store.artifacts import QuantizedStore, consistency_gate

@@ -161,7 +161,7 @@ def check_folded_groups(rules: list[ModuleRule], blocks_prefix: str, n_blocks: i
     for i in range(n_blocks):
         block = f"{blocks_prefix}.{i}"
         segment_of = {}
-        for number, (rule, members) in enumerate(segments(rules, block, names)):
+        for number, (_rule, members) in enumerate(segments(rules, block, names)):
             for name in members:
                 segment_of[name] = number
         for group in scaling_groups:

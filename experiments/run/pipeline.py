@@ -21,9 +21,9 @@ from torch import nn
 
 from experiments.models.adapters import Architecture
 from experiments.run.activations import BlockObservers, StaticCalibration
+from experiments.run.module_rules import RUN_WIDE, SKIPPED_BITS, ModuleRule, segments
 from kernels import QuantizedWeight
 from kernels.format import WeightFormat
-from experiments.run.module_rules import RUN_WIDE, SKIPPED_BITS, ModuleRule, segments
 from methods.base import Method
 from methods.block import LinearHook, ModuleCall, ScalingGroup
 

@@ -34,8 +34,8 @@ from experiments.data.custom import (
 )
 from experiments.data.sources import TextTooShort, load_rows
 from experiments.run.preflight import DataError, check_calibration_text
-from experiments.store.shared_inputs import cached_calibration_set, calibration_key
 from experiments.run.schema import CalibConfig, validate
+from experiments.store.shared_inputs import cached_calibration_set, calibration_key
 from methods.base import ConfigError
 from tests.conftest import compose_config
 from tests.experiments.data.conftest import CharTokenizer
