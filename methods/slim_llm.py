@@ -23,7 +23,7 @@ the quantized block's outputs feed the next block (`propagation = "quantized"`).
 
 Cost: the search needs every linear's inputs again once the Hessians are known. By default
 (`search_inputs="stored"`) the Hessian pass keeps them (memory: tokens x the sum of the block's
-distinct input widths x the activation size, e.g. 0.86 GB per SmolLM2 block at 128 x 512 in fp32);
+distinct input widths x the activation size; computed: 0.86 GB per SmolLM2 block at 128 x 512 in fp32);
 `"recomputed"` runs the reference's extra pass instead (same tensors, same bits). Then each linear runs
 floor(G_n / 2) - 1 candidate matmuls X W_k^T per sequence (plus 3 round-to-nearest passes over W),
 recorded per layer as search_seconds beside hessian_seconds and solver_seconds. SQC tries 101

@@ -36,6 +36,7 @@ from torch import nn
 from methods.awq_search import fold_scales
 from methods.base import ConfigError, Method, MethodConfig, register
 from methods.block import BlockView, ScalingGroup
+from methods.observers import MinMaxObserver
 from methods.quantizer import Grid
 from methods.rtn import round_to_nearest
 
@@ -62,15 +63,10 @@ def smoothing_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alp
     return (act_absmax.float().pow(alpha) / w_absmax.pow(1 - alpha)).clamp(min=SCALE_FLOOR)
 
 
-class ChannelAbsMax:
-    """Running max over tokens of |x_j| per input channel (a linear's pre-hook feeds it)."""
-
-    def __init__(self) -> None:
-        self.value: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        chunk = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
-        self.value = chunk if self.value is None else torch.maximum(self.value, chunk)
+def channel_absmax(observer: MinMaxObserver) -> torch.Tensor:
+    """a_j = max over the tokens seen of |x_j|, from a per-channel min-max observer's range."""
+    lo, hi = observer.range()
+    return torch.maximum(-lo, hi)
 
 
 def smoothed_groups(block: BlockView) -> list[ScalingGroup]:
@@ -93,15 +89,16 @@ class SmoothQuant(Method):
         groups = smoothed_groups(block) if cfg.smooth else []
         if groups:
             start = time.perf_counter()
-            stats = {g.linears[0]: ChannelAbsMax() for g in groups}  # a group's linears share one input
-            block.run(hooks={name: s.add for name, s in stats.items()})
+            # a group's linears share one input: one running per-channel min / max for it
+            stats = {g.linears[0]: MinMaxObserver(per_channel=True) for g in groups}
+            block.run(hooks={name: s.update for name, s in stats.items()})
             for group in groups:
                 for name in group.linears:
                     seconds[name]["stats"] = (time.perf_counter() - start) / len(block.linears)
             for group in groups:
                 start = time.perf_counter()
                 linears = [block.linears[name] for name in group.linears]
-                act_absmax = stats[group.linears[0]].value
+                act_absmax = channel_absmax(stats[group.linears[0]])
                 s = smoothing_factors(act_absmax, [lin.weight for lin in linears], cfg.alpha)
                 fold_scales(block.submodule(group.prev_op), linears, s)
                 for name in group.linears:

@@ -10,9 +10,10 @@ from torch import nn
 
 from experiments.run.pipeline import quantize_model
 from methods import REGISTRY, ConfigError
+from methods.observers import MinMaxObserver
 from methods.quantizer import Grid
 from methods.rtn import round_to_nearest
-from methods.smoothquant import ChannelAbsMax, SmoothQuant, SmoothQuantConfig, smoothing_factors
+from methods.smoothquant import SmoothQuant, SmoothQuantConfig, channel_absmax, smoothing_factors
 
 CPU = torch.device("cpu")
 
@@ -81,12 +82,12 @@ def test_factors_and_fold_match_the_reference(alpha):
 def test_channel_absmax_is_the_reference_running_max():
     gen = torch.Generator().manual_seed(1)
     chunks = [torch.randn(2, 7, 24, generator=gen) * (i + 1) for i in range(3)]
-    ours, ref = ChannelAbsMax(), None
+    observer, ref = MinMaxObserver(per_channel=True), None
     for chunk in chunks:
-        ours.add(chunk)
+        observer.update(chunk)
         ref = literal_stat_tensor(ref, chunk)
-    assert torch.equal(ours.value, ref)
-    assert torch.equal(ours.value, torch.cat(chunks).abs().reshape(-1, 24).amax(0))
+    assert torch.equal(channel_absmax(observer), ref)
+    assert torch.equal(channel_absmax(observer), torch.cat(chunks).abs().reshape(-1, 24).amax(0))
 
 
 def test_weight_grid_is_the_reference_per_channel_absmax():
