@@ -45,8 +45,9 @@ def main() -> None:
         tasks = resolve_tasks(args.tasks.split(","), data_dir().absolute(), "auto")
         total = 0.0
         for task in tasks:
-            results, seconds = evaluate_tasks(loaded.model, loaded.tokenizer, [task], data_dir().absolute(),
-                                              limit=args.limit, batch_size=args.batch_size)
+            run = evaluate_tasks(loaded.model, loaded.tokenizer, [task], data_dir().absolute(), limit=args.limit,
+                                 batch_size=args.batch_size)
+            results, seconds = run.results, run.seconds
             total += seconds
             m = results[task.name].metrics
             print(f"{task.name:16s} {task.source:5s} n={m['n']:4d} acc={m['acc']:.3f} {seconds:7.1f} s")

@@ -91,14 +91,14 @@ def align(quantized_ids: Sequence[int], baseline_ids: Sequence[int]) -> list[tup
 
 
 def task_delta(quantized_items: dict[str, list], baseline_items: dict[str, list]) -> dict | None:
-    """Paired difference of one task's accuracy to the baseline's on the same items: acc at the
-    top level, acc_norm (where the task has it) nested under its name."""
+    """Paired difference of one task's per-item metrics to the baseline's on the same items: acc at
+    the top level, every other one both have (acc_norm, exact_match, ...) nested under its name."""
     pairs = align(quantized_items["doc_id"], baseline_items["doc_id"])
     if not pairs:
         return None
     out: dict = {}
-    for metric in ("acc", "acc_norm"):
-        if metric in quantized_items and metric in baseline_items:
+    for metric in quantized_items:
+        if metric not in ("doc_id", "loglik") and metric in baseline_items:
             q = [quantized_items[metric][i] for i, _ in pairs]
             b = [baseline_items[metric][j] for _, j in pairs]
             delta = paired_bootstrap(q, b)

@@ -10,6 +10,7 @@ cached), and, per quantized model, `kl_observer` inside its perplexity pass and 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from experiments.evaluation.zeroshot.tasks import ResolvedTask
 from experiments.store.cache import Cache, atomic_write_json
 
 ITEMS_FILE = "zeroshot_items.json"
+LM_EVAL_DIR = "lm_eval"  # lm-eval's own results_*.json and samples_<task>_*.jsonl, one folder per model
 
 
 @dataclass
@@ -48,8 +50,12 @@ def compute_baseline(loaded: Any, run: Any, sets: dict[str, Any], tasks: list[Re
     timings = record.data["timings"]
     if tasks:
         record.data["eval_protocol"]["tasks"] = {t.name: task_protocol(t, evaluation) for t in tasks}
-        baseline.task_results, seconds = baseline_tasks(loaded, evaluation, tasks, run.paths.cache_path)
+        baseline.task_results, seconds, files = baseline_tasks(
+            loaded, evaluation, tasks, run.paths.cache_path, lm_eval_folder(record.run_dir, "baseline")
+        )
         record.data["baseline"]["tasks"] = {name: entry["metrics"] for name, entry in baseline.task_results.items()}
+        if files:  # only what was computed in this run: a cached baseline's files are in the run that computed it
+            record.data["baseline"]["lm_eval_files"] = {name: relative_files(f, record.run_dir) for name, f in files.items()}
         timings["baseline_tasks_s"] = seconds
     kl_protocol = {}
     cache = Cache("baseline_kl", root=run.paths.cache_path)
@@ -94,17 +100,40 @@ def identical_kl(baseline: Baseline, dataset: str) -> dict | None:
     }
 
 
-def evaluate(model: Any, tokenizer: Any, run: Any, baseline: Baseline, changes_weights: bool) -> dict[str, Any]:
+def lm_eval_folder(run_dir: Path, label: str) -> Path:
+    """Where lm-eval's own results and samples files of one evaluated model go: lm_eval/<label>."""
+    return Path(run_dir) / LM_EVAL_DIR / re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+
+
+def relative_files(files: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """lm-eval's file paths relative to the run folder (run folders move), or the error as it is."""
+    if "error" in files:
+        return files
+    rel = lambda path: str(Path(path).relative_to(Path(run_dir)))  # noqa: E731
+    return {"results": rel(files["results"]), "samples": {task: rel(p) for task, p in files["samples"].items()}}
+
+
+def evaluate(
+    model: Any, tokenizer: Any, run: Any, baseline: Baseline, changes_weights: bool, run_dir: Path | None = None,
+    label: str = "model",
+) -> dict[str, Any]:
     """metrics.tasks and metrics.delta of the model as it is now, its per-item outcomes (under
-    "items", for the caller to write beside result.json) and the seconds spent."""
+    "items", for the caller to write beside result.json), the seconds spent, and with `run_dir`
+    lm-eval's own files of this evaluation (paths relative to it). A method that changes no weight
+    reuses the baseline's numbers: no evaluation, no files."""
     if not baseline.tasks:
         return {}
     start = time.perf_counter()
     if changes_weights:
-        tasks, deltas, items, _ = quantized_tasks(model, tokenizer, run.eval, baseline.tasks, baseline.task_results)
+        folder = lm_eval_folder(run_dir, label) if run_dir is not None else None
+        out = quantized_tasks(model, tokenizer, run.eval, baseline.tasks, baseline.task_results, folder)
+        files = out.pop("lm_eval_files")
+        if files is not None and run_dir is not None:
+            out["lm_eval_files"] = relative_files(files, run_dir)
     else:
         tasks, deltas, items = baseline_as_quantized(baseline.task_results)
-    return {"tasks": tasks, "delta": deltas, "items": items, "seconds": time.perf_counter() - start}
+        out = {"tasks": tasks, "delta": deltas, "items": items}
+    return {**out, "seconds": time.perf_counter() - start}
 
 
 def write_items(run_dir: Path, label: str, items: dict[str, dict]) -> None:

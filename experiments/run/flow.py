@@ -141,14 +141,20 @@ class _Calibration:
         return cached_block_inputs(loaded, ids, self.key, self.run.calib.batch_size, self.run.paths.cache_path)
 
 
+def model_label(method_name: str, bits: int, group_size: int) -> str:
+    """How one evaluated model is named in zeroshot_items.json and lm_eval/: method, bits, group size."""
+    return f"{method_name} W{bits} g{group_size}"
+
+
 def _quantize_and_evaluate(
     loaded: LoadedModel, method: Method, run: RunConfig, sets: dict[str, Any], baseline: dict[str, dict],
     calibration: _Calibration, progress: bool, extras: zeroshot_and_kl.Baseline | None = None,
-    run_dir: Path | None = None, export: bool = False,
+    run_dir: Path | None = None, export: bool = False, label: str = "model",
 ) -> dict[str, Any]:
     """Quantize `loaded.model` in place with `method`, then evaluate it on the same windows as the
     baseline. Returns the record fields of one method. `export`: write the saved quantized model
-    in `run.export.format` as soon as it is there (before evaluating)."""
+    in `run.export.format` as soon as it is there (before evaluating). `label`: the model's name in
+    the run folder's per-model files (model_label)."""
     if method.runtime == "onnxruntime":  # quantized and evaluated as an ONNX graph (methods/onnx_int8.py)
         from experiments.evaluation import onnx_runtime
 
@@ -221,7 +227,7 @@ def _quantize_and_evaluate(
                 kl[dataset] = observer.result()
         metrics[dataset]["vs_baseline"] = paired_delta(metrics[dataset]["window_nll"], baseline[dataset]["window_nll"])
     timings["eval_s"] = time.perf_counter() - start
-    zeroshot = zeroshot_and_kl.evaluate(model, loaded.tokenizer, run, extras, changes_model)
+    zeroshot = zeroshot_and_kl.evaluate(model, loaded.tokenizer, run, extras, changes_model, run_dir, label)
     if zeroshot:
         timings["tasks_s"] = zeroshot["seconds"]
     return {
@@ -235,6 +241,7 @@ def _quantize_and_evaluate(
         **sizes,
         "metrics": {"ppl": metrics, **({"kl": kl} if kl else {}),
                     **({"tasks": zeroshot["tasks"], "delta": zeroshot["delta"]} if zeroshot else {})},
+        **({"lm_eval_files": zeroshot["lm_eval_files"]} if zeroshot and "lm_eval_files" in zeroshot else {}),
         "timings": timings,
         "_items": zeroshot.get("items") if zeroshot else None,  # per-item outcomes: written beside result.json
     }
@@ -290,12 +297,13 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         extras = zeroshot_and_kl.compute_baseline(loaded, run, sets, tasks, record)
         calibration = _Calibration(run, loaded.tokenizer, record)
 
+        label = model_label(run.method_name, run.bits, run.group_size)
         result = _quantize_and_evaluate(loaded, method, run, sets, baseline, calibration, progress, extras, run_dir,
-                                        export=True)
+                                        export=True, label=label)
         timings.update(result.pop("timings"))
         allocation_files.save(method, result["layers"])  # method.save_allocation (SliM-LLM)
         if (items := result.pop("_items")) is not None:
-            zeroshot_and_kl.write_items(run_dir, f"{run.method_name} W{run.bits} g{run.group_size}", items)
+            zeroshot_and_kl.write_items(run_dir, label, items)
         record.data.update(result)
         if run.expected is not None:
             record.data["expected"] = asdict(run.expected)
@@ -308,9 +316,11 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
             loaded = load_model(base_spec, tokenizer_spec, cache_dir=run.paths.cache_path)
             other = get_method_class(name)(config_)
             allocation_files.attach(other)
-            result = _quantize_and_evaluate(loaded, other, run, sets, baseline, calibration, progress, extras, run_dir)
+            label = model_label(name, config_.bits, config_.group_size)
+            result = _quantize_and_evaluate(loaded, other, run, sets, baseline, calibration, progress, extras, run_dir,
+                                            label=label)
             if (items := result.pop("_items")) is not None:
-                zeroshot_and_kl.write_items(run_dir, f"{name} W{config_.bits} g{config_.group_size}", items)
+                zeroshot_and_kl.write_items(run_dir, label, items)
             comparisons.append({"method": name, "bits": config_.bits, "group_size": config_.group_size,
                                 "config": asdict(config_), **result})
             record.write()

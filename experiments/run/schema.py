@@ -86,6 +86,11 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=list)  # lm-eval task names (experiments/evaluation/zeroshot)
     task_source: str = "auto"  # auto: local files when they are there (or the hub is off), else the hub; or local / hub
     num_fewshot: int = 0
+    apply_chat_template: bool = False  # prompts in the tokenizer's chat template (lm-eval's --apply_chat_template)
+    fewshot_as_multiturn: bool | None = None  # few-shot examples as chat turns; null: as apply_chat_template
+    system_instruction: str | None = None  # prepended to every prompt (lm-eval's --system_instruction)
+    include_path: str | None = None  # a folder of your own lm-eval task YAMLs (lm-eval's --include_path)
+    lm_eval_files: bool = True  # lm-eval's own results/samples files under <run>/lm_eval/ (its EvaluationTracker)
     limit: int | None = None  # first N items of each task (lm-eval's --limit): a reduced protocol
     batch_size: int = 1  # lm-eval's batch size for the tasks
     kl: KLConfig = field(default_factory=KLConfig)
@@ -261,6 +266,11 @@ def _validate_zeroshot(evaluation: EvalConfig) -> None:
         _positive(evaluation.limit, "eval.limit")
     if len(set(evaluation.tasks)) != len(evaluation.tasks):
         raise ConfigError(f"eval.tasks lists a task twice: {evaluation.tasks}")
+    if evaluation.fewshot_as_multiturn and not evaluation.apply_chat_template:
+        raise ConfigError(
+            "eval.fewshot_as_multiturn=true needs eval.apply_chat_template=true: few-shot examples become chat "
+            "turns only inside a chat template (lm-eval refuses it too); set both, or drop fewshot_as_multiturn"
+        )
     kl = evaluation.kl
     _positive(kl.top_k, "eval.kl.top_k")
     if kl.tail_samples < 0:

@@ -62,11 +62,12 @@ def compare_on_model(model: Any, tokenizer: Any, data: Path, folder: Path, limit
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from .runner import _items, evaluate_tasks, quiet_lm_eval
+    from .results import per_item
+    from .runner import evaluate_tasks, quiet_lm_eval
     from .tasks import resolve_tasks
 
-    ours, _ = evaluate_tasks(model, tokenizer, resolve_tasks(list(REPRODUCED), data, "local"), data, limit=limit,
-                             batch_size=batch_size)
+    ours = evaluate_tasks(model, tokenizer, resolve_tasks(list(REPRODUCED), data, "local"), data, limit=limit,
+                          batch_size=batch_size).results
     with quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         theirs = simple_evaluate(
@@ -75,7 +76,9 @@ def compare_on_model(model: Any, tokenizer: Any, data: Path, folder: Path, limit
         )
     out = {}
     for task in REPRODUCED:
-        reference = _items(theirs["samples"][task])
-        out[task] = {"identical": ours[task].items == reference, "n": len(reference["doc_id"]),
+        reference = per_item(theirs["samples"][task], theirs["configs"][task]["output_type"])
+        # ours keeps the per-item metrics whose mean is the task's number, and the log-likelihoods
+        identical = all(values == reference.get(key) for key, values in ours[task].items.items())
+        out[task] = {"identical": identical and "acc" in ours[task].items, "n": len(reference["doc_id"]),
                      "acc": ours[task].metrics["acc"], "reference_acc": theirs["results"][task]["acc,none"]}
     return out

@@ -12,24 +12,33 @@ import logging
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.evaluation.statistics import mean_stderr
-
+from .results import TaskResult, collect
 from .tasks import ResolvedTask, task_manager
 
-ACCURACY_METRICS = ("acc", "acc_norm")
+
+@dataclass(frozen=True)
+class Prompting:
+    """How lm-eval builds each prompt (eval.num_fewshot, eval.apply_chat_template,
+    eval.fewshot_as_multiturn, eval.system_instruction); recorded in each task's protocol."""
+
+    num_fewshot: int = 0
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = False  # few-shot examples as chat turns: only inside a chat template
+    system_instruction: str | None = None
 
 
 @dataclass
-class TaskResult:
-    """One task's numbers and the per-item outcomes they come from (aligned by doc_id)."""
+class TaskRun:
+    """One simple_evaluate call: an entry per task and group, the seconds, and lm-eval's own
+    results and samples files (with output_dir), or why they are not there."""
 
-    name: str
-    metrics: dict[str, Any]  # acc, acc_norm, stderr, acc_norm_stderr, n, (perplexity), source, caveat
-    items: dict[str, list] = field(default_factory=dict)  # doc_id, acc, acc_norm, loglik
+    results: dict[str, TaskResult]
+    seconds: float
+    files: dict[str, Any] | None = None
 
 
 @contextmanager
@@ -62,55 +71,76 @@ def kept_random_state():
         torch.set_rng_state(saved[2])
 
 
-def _items(samples: list[dict[str, Any]]) -> dict[str, list]:
-    samples = sorted(samples, key=lambda s: s["doc_id"])
-    items: dict[str, list] = {"doc_id": [int(s["doc_id"]) for s in samples]}
-    for metric in ACCURACY_METRICS:
-        if samples and metric in samples[0]:
-            items[metric] = [float(s[metric]) for s in samples]
-    # the log-likelihood of each choice (or of the target, for LAMBADA): what acc is decided on
-    items["loglik"] = [[float(resp[0]) for resp in s["filtered_resps"]] for s in samples]
-    return items
+def _group_weighting(manager: Any, groups: Any) -> dict[str, dict[str, bool]]:
+    """{group: {metric: weight_by_size}} from each group's aggregate_metric_list (lm-eval's default:
+    weighted by size), for the groups' standard errors."""
+    weighting = {}
+    for group in groups:
+        entry = manager.task_index.get(group)
+        aggregates = ((entry.cfg if entry is not None else None) or {}).get("aggregate_metric_list") or []
+        aggregates = [aggregates] if isinstance(aggregates, dict) else aggregates
+        weighting[group] = {a["metric"]: bool(a.get("weight_by_size", True)) for a in aggregates if "metric" in a}
+    return weighting
 
 
-def _task_metrics(task: ResolvedTask, lm_results: dict[str, Any], items: dict[str, list]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {}
-    for metric in ACCURACY_METRICS:
-        if metric in items:
-            values = items[metric]
-            metrics[metric] = sum(values) / len(values)
-            metrics["stderr" if metric == "acc" else f"{metric}_stderr"] = mean_stderr(values)
-    if "perplexity,none" in lm_results:  # LAMBADA: lm-eval's exp(-mean log-likelihood of the target)
-        metrics["perplexity"] = float(lm_results["perplexity,none"])
-    metrics["n"] = len(items["doc_id"])
-    metrics["source"] = task.source
-    if task.caveat:
-        metrics["caveat"] = task.caveat
-    return metrics
+def write_lm_eval_files(tracker: Any, out: dict[str, Any], samples: dict[str, list], folder: Path) -> dict[str, Any]:
+    """lm-eval's results file and one samples file per task, written by its EvaluationTracker as
+    its command line writes them (readable by lm-eval's tools). The tracker only logs a warning
+    when it cannot write, so the files are checked: {"results", "samples": {task: path}} or
+    {"error": why}."""
+    tracker.save_results_aggregated(results=dict(out), samples=samples)
+    for task in out["configs"]:  # after per_item: the tracker rewrites the samples it saves
+        tracker.save_results_samples(task_name=task, samples=samples[task])
+    date = getattr(tracker, "date_id", None)
+    files = {"results": folder / f"results_{date}.json",
+             "samples": {task: folder / f"samples_{task}_{date}.jsonl" for task in out["configs"]}}
+    missing = [str(p) for p in [files["results"], *files["samples"].values()] if not p.is_file()]
+    if date is None or missing:
+        return {"error": f"lm-eval's EvaluationTracker did not write {', '.join(missing) or 'its results'} "
+                         f"(output_path {folder})"}
+    return {"results": str(files["results"]), "samples": {t: str(p) for t, p in files["samples"].items()}}
 
 
 def evaluate_tasks(
-    model: Any, tokenizer: Any, tasks: list[ResolvedTask], data_dir: Path, *, num_fewshot: int = 0,
-    limit: int | None = None, batch_size: int = 1, bootstrap_iters: int = 0,
-) -> tuple[dict[str, TaskResult], float]:
-    """Run `tasks` on `model` through lm_eval.simple_evaluate; returns per-task results and the
-    seconds taken. lm-eval's own stderr bootstrap is off (bootstrap_iters=0): accuracy stderrs
-    are computed here from the per-item values with lm-eval's formula, and LAMBADA's perplexity
-    bootstrap would cost more than the evaluation. lm-eval's default seeds are kept (they pick the
-    few-shot examples, as on lm-eval's command line); the caller's random state is restored."""
+    model: Any, tokenizer: Any, tasks: list[ResolvedTask], data_dir: Path, *, prompting: Prompting = Prompting(),
+    limit: int | None = None, batch_size: int = 1, bootstrap_iters: int = 0, output_dir: Path | None = None,
+) -> TaskRun:
+    """Run `tasks` (tasks or groups) on `model` through lm_eval.simple_evaluate. lm-eval's stderr
+    bootstrap is off (bootstrap_iters=0): the stderr of a mean is computed from the per-item values
+    with lm-eval's formula (results.py), and LAMBADA's perplexity bootstrap would cost more than the
+    evaluation. lm-eval's default seeds are kept (they pick the few-shot examples, as on lm-eval's
+    command line); the caller's random state is restored. `output_dir`: lm-eval's own results and
+    samples files are written there through its EvaluationTracker."""
     from lm_eval import simple_evaluate
+    from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
 
     start = time.perf_counter()
+    tracker = EvaluationTracker(output_path=str(output_dir / "results.json")) if output_dir is not None else None
     with tempfile.TemporaryDirectory(prefix="quantlab-tasks-") as folder, quiet_lm_eval(), kept_random_state():
         manager = task_manager(tasks, data_dir, Path(folder))
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = simple_evaluate(
-            model=lm, tasks=[t.name for t in tasks], num_fewshot=num_fewshot, limit=limit,
-            task_manager=manager, log_samples=True, bootstrap_iters=bootstrap_iters,
+            model=lm, tasks=[t.name for t in tasks], num_fewshot=prompting.num_fewshot, limit=limit,
+            task_manager=manager, log_samples=True, bootstrap_iters=bootstrap_iters, evaluation_tracker=tracker,
+            apply_chat_template=prompting.apply_chat_template, fewshot_as_multiturn=prompting.fewshot_as_multiturn,
+            system_instruction=prompting.system_instruction,
         )
-    results = {}
-    for task in tasks:
-        items = _items(out["samples"][task.name])
-        results[task.name] = TaskResult(task.name, _task_metrics(task, out["results"][task.name], items), items)
-    return results, time.perf_counter() - start
+        results = collect(out, [t.name for t in tasks], _group_weighting(manager, out.get("group_subtasks") or {}))
+        samples = out.pop("samples")
+        files = write_lm_eval_files(tracker, out, samples, output_dir) if tracker is not None else None
+    source = {t.name: t for t in tasks}
+    for result in results.values():  # a group's subtasks come from where the group does
+        task = source.get(result.name) or source.get(_top(result.name, results))
+        if task is not None:
+            result.metrics["source"] = task.source
+            if task.caveat:
+                result.metrics["caveat"] = task.caveat
+    return TaskRun(results, time.perf_counter() - start, files)
+
+
+def _top(name: str, results: dict[str, TaskResult]) -> str:
+    """The outermost group above `name` (itself when it has none)."""
+    while (parent := results[name].metrics.get("group")) is not None:
+        name = parent
+    return name

@@ -4,6 +4,7 @@ numbers with their paired differences to the baseline."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -12,49 +13,74 @@ from experiments.evaluation.statistics import task_delta
 from experiments.store.cache import Cache
 from methods.base import ConfigError
 
-from .runner import evaluate_tasks
+from .runner import Prompting, TaskRun, evaluate_tasks
 from .tasks import ResolvedTask, resolve_tasks
 
-ZEROSHOT_CODE_VERSION = 1  # bump when per-item extraction or metrics change: invalidates cached baselines
+ZEROSHOT_CODE_VERSION = 2  # bump when per-item extraction or metrics change: invalidates cached baselines
 
 
 def plan_tasks(evaluation: Any) -> list[ResolvedTask]:
-    """Resolve eval.tasks (local or hub) and check their data is there; raises ConfigError."""
+    """Resolve eval.tasks (include, local or hub) and check their data is there; raises ConfigError."""
     if not evaluation.tasks:
         return []
-    tasks = resolve_tasks(list(evaluation.tasks), data_dir().absolute(), evaluation.task_source)
+    tasks = resolve_tasks(list(evaluation.tasks), data_dir().absolute(), evaluation.task_source,
+                          evaluation.include_path)
     local = [t.name for t in tasks if t.source == "local"]
     if evaluation.num_fewshot > 0 and local:
         raise ConfigError(
             f"eval.num_fewshot={evaluation.num_fewshot}: the local copies of {', '.join(local)} have no training "
-            "split to draw examples from (lm-eval's few-shot source); use eval.num_fewshot=0 or the hub"
+            "split to draw examples from (lm-eval's few-shot source); use eval.num_fewshot=0, the hub, or your "
+            "own task YAMLs with a fewshot_split (eval.include_path)"
         )
     return tasks
+
+
+def prompting(evaluation: Any) -> Prompting:
+    """eval.* prompt settings as lm-eval takes them; fewshot_as_multiturn null follows
+    apply_chat_template, as on lm-eval's command line (the schema refuses true without it)."""
+    multiturn = evaluation.fewshot_as_multiturn
+    return Prompting(
+        num_fewshot=evaluation.num_fewshot, apply_chat_template=evaluation.apply_chat_template,
+        fewshot_as_multiturn=evaluation.apply_chat_template if multiturn is None else multiturn,
+        system_instruction=evaluation.system_instruction,
+    )
+
+
+def check_tokenizer(tokenizer: Any, evaluation: Any) -> None:
+    """eval.apply_chat_template=true needs a tokenizer with a chat template: refused before any task runs."""
+    if evaluation.tasks and evaluation.apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "eval.apply_chat_template=true, but the model's tokenizer has no chat template (a base model?); "
+            "use eval.apply_chat_template=false"
+        )
 
 
 def task_protocol(task: ResolvedTask, evaluation: Any) -> dict[str, Any]:
     n_total = task.protocol.get("n_items_total")
     return {
-        **task.protocol, "num_fewshot": evaluation.num_fewshot, "limit": evaluation.limit,
+        **task.protocol, **asdict(prompting(evaluation)), "limit": evaluation.limit,
         "n_items": min(n_total, evaluation.limit) if (n_total and evaluation.limit) else (evaluation.limit or n_total),
         "batch_size": evaluation.batch_size,
     }
 
 
-def _run(model: Any, tokenizer: Any, tasks: list[ResolvedTask], evaluation: Any):
+def _run(model: Any, tokenizer: Any, tasks: list[ResolvedTask], evaluation: Any, output_dir: Path | None) -> TaskRun:
     return evaluate_tasks(
-        model, tokenizer, tasks, data_dir().absolute(), num_fewshot=evaluation.num_fewshot,
-        limit=evaluation.limit, batch_size=evaluation.batch_size,
+        model, tokenizer, tasks, data_dir().absolute(), prompting=prompting(evaluation), limit=evaluation.limit,
+        batch_size=evaluation.batch_size, output_dir=output_dir if evaluation.lm_eval_files else None,
     )
 
 
 def baseline_tasks(
-    loaded: Any, evaluation: Any, tasks: list[ResolvedTask], cache_root: Path
-) -> tuple[dict[str, dict], float]:
-    """{task: {"metrics", "items"}} of the full-precision model, each task cached on its own
-    (keyed by model, task protocol and code version), and the seconds spent computing."""
+    loaded: Any, evaluation: Any, tasks: list[ResolvedTask], cache_root: Path, output_dir: Path | None = None
+) -> tuple[dict[str, dict], float, dict[str, dict]]:
+    """{task or group: {"metrics", "items"}} of the full-precision model, each eval.tasks name
+    (with its subtasks) cached on its own (keyed by model, task protocol and code version), the
+    seconds spent computing, and lm-eval's files of what was computed here (not of cached names)."""
+    check_tokenizer(loaded.tokenizer, evaluation)
     cache = Cache("baseline", root=cache_root)
     out: dict[str, dict] = {}
+    files: dict[str, dict] = {}
     spent = 0.0
     for task in tasks:
         key = {
@@ -64,32 +90,36 @@ def baseline_tasks(
 
         def compute(task: ResolvedTask = task) -> dict:
             nonlocal spent
-            results, seconds = _run(loaded.model, loaded.tokenizer, [task], evaluation)
-            spent += seconds
-            return {"metrics": results[task.name].metrics, "items": results[task.name].items}
+            run = _run(loaded.model, loaded.tokenizer, [task], evaluation, output_dir)
+            spent += run.seconds
+            if run.files is not None:
+                files[task.name] = run.files
+            return {name: {"metrics": r.metrics, "items": r.items} for name, r in run.results.items()}
 
-        out[task.name] = cache.get_or_compute_json(key, compute)
-    return out, spent
+        out.update(cache.get_or_compute_json(key, compute))
+    return out, spent, files
 
 
 def quantized_tasks(
-    model: Any, tokenizer: Any, evaluation: Any, tasks: list[ResolvedTask], baseline: dict[str, dict]
-) -> tuple[dict[str, dict], dict[str, dict], dict[str, dict], float]:
-    """(metrics.tasks, metrics.delta, per-item outcomes, seconds) of the model as it is now."""
-    results, seconds = _run(model, tokenizer, tasks, evaluation)
+    model: Any, tokenizer: Any, evaluation: Any, tasks: list[ResolvedTask], baseline: dict[str, dict],
+    output_dir: Path | None = None,
+) -> dict[str, Any]:
+    """metrics.tasks, metrics.delta, per-item outcomes, seconds and lm-eval's files of the model as
+    it is now. Deltas are paired per task (a group's tasks each have theirs)."""
+    run = _run(model, tokenizer, tasks, evaluation, output_dir)
     metrics, deltas, items = {}, {}, {}
-    for name, result in results.items():
+    for name, result in run.results.items():
         metrics[name] = result.metrics
-        items[name] = result.items
-        delta = task_delta(result.items, baseline[name]["items"])
-        if delta is not None:
-            deltas[name] = delta
-    return metrics, deltas, items, seconds
+        if result.items:
+            items[name] = result.items
+            if (delta := task_delta(result.items, baseline[name]["items"])) is not None:
+                deltas[name] = delta
+    return {"tasks": metrics, "delta": deltas, "items": items, "seconds": run.seconds, "lm_eval_files": run.files}
 
 
 def baseline_as_quantized(baseline: dict[str, dict]) -> tuple[dict[str, dict], dict[str, dict], dict[str, dict]]:
     """A method that changes no weight (fp16) is the baseline: its numbers, and zero deltas."""
     metrics = {name: dict(entry["metrics"]) for name, entry in baseline.items()}
-    items = {name: entry["items"] for name, entry in baseline.items()}
-    deltas = {name: task_delta(entry["items"], entry["items"]) for name, entry in baseline.items()}
+    items = {name: entry["items"] for name, entry in baseline.items() if entry["items"]}
+    deltas = {name: task_delta(entry, entry) for name, entry in items.items()}
     return metrics, {k: v for k, v in deltas.items() if v is not None}, items

@@ -1,5 +1,6 @@
-"""Which lm-eval task definition each `eval.tasks` name runs: lm-eval's own (data from the hub) or
-a local one (data from the data directory), and the TaskManager that indexes only those.
+"""Which lm-eval task definition each `eval.tasks` name runs: the user's own (a task, group or
+tag of the `eval.include_path` folder), lm-eval's own (data from the hub) or a local one (data from
+the data directory), and the TaskManager that indexes only those.
 
 A local definition is written at run time as a YAML that *includes* lm-eval's own YAML of the
 same task (by absolute path) and overrides only the data source and the splits. The prompts,
@@ -13,6 +14,7 @@ so it is offered only as `hellaswag_local`, with a caveat recorded next to its n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from .local_data import files_hash
 log = logging.getLogger(__name__)
 
 LM_EVAL_TASKS_DIR = Path(lm_eval.__file__).parent / "tasks"
-TASK_SOURCES = ("auto", "local", "hub")
+TASK_SOURCES = ("auto", "local", "hub")  # and "include": a task of eval.include_path
 HELLASWAG_CAVEAT = (
     "hellaswag_local: the local HellaSwag copy joins ctx_a and ctx_b without capitalizing ctx_b and was "
     "cleaned by another extractor, so its accuracy can differ slightly from lm-eval's `hellaswag`"
@@ -68,7 +70,7 @@ PAPER_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "
 @dataclass(frozen=True)
 class ResolvedTask:
     name: str
-    source: str  # "local" or "hub"
+    source: str  # "include", "local" or "hub"
     protocol: dict[str, Any]  # recorded with the number and part of the baseline's cache key
     caveat: str | None = None
 
@@ -88,16 +90,23 @@ def lm_eval_version() -> str:
     return metadata.version("lm-eval")
 
 
-def resolve_tasks(names: list[str], data_dir: Path, source: str = "auto") -> list[ResolvedTask]:
-    """Decide local or hub for each task name, and fail early (before any model loads) when the
+def resolve_tasks(
+    names: list[str], data_dir: Path, source: str = "auto", include_path: str | None = None
+) -> list[ResolvedTask]:
+    """Decide include, local or hub for each task name (a name the `include_path` folder defines
+    runs from there), and fail early (before any model loads) when the
     data a task needs is not there. `auto`: local when the task's files are in the data directory
     (a machine without network need not say HF_DATASETS_OFFLINE=1) or the hub is off
     (HF_*_OFFLINE), else the hub. The record says which source each task used."""
     if source not in TASK_SOURCES:
         raise ConfigError(f"eval.task_source={source!r} is not valid; choose one of: {', '.join(TASK_SOURCES)}")
     offline = hub_offline_reason()
+    included = included_tasks(include_path) if include_path else {}
     resolved = []
     for name in names:
+        if name in included:
+            resolved.append(ResolvedTask(name, "include", included[name]))
+            continue
         local_ok = name in LOCAL_TASKS and all((data_dir / f).is_file() for f in LOCAL_TASKS[name].files)
         use_local = name == "hellaswag_local" or source == "local" or (source == "auto" and (offline is not None or local_ok))
         if use_local and name == "hellaswag":
@@ -126,6 +135,28 @@ def resolve_tasks(names: list[str], data_dir: Path, source: str = "auto") -> lis
         else:
             resolved.append(ResolvedTask(name, "hub", {"task": name, "source": "hub", "lm_eval": lm_eval_version()}))
     return resolved
+
+
+def included_tasks(include_path: str) -> dict[str, dict[str, Any]]:
+    """{name: protocol} of every task, group and tag that the YAMLs under `include_path` (lm-eval's
+    --include_path: a folder of task YAMLs, e.g. over local JSON lines) define. The protocol's hash
+    covers every file in the folder, YAMLs and data, so editing either invalidates cached baselines."""
+    from lm_eval.tasks import TaskManager
+
+    folder = Path(include_path).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"eval.include_path={include_path!r} is not a folder; point it at a folder of lm-eval task YAMLs")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    manager = TaskManager(include_path=str(folder.absolute()), include_defaults=False)
+    kinds = {name: "group" for name in manager.all_groups} | {name: "tag" for name in manager.all_tags}
+    return {
+        name: {"task": name, "source": "include", "kind": kinds.get(name, "task"), "include_path": str(folder.absolute()),
+               "files_sha256": digest.hexdigest()[:12], "lm_eval": lm_eval_version()}
+        for name in manager.all_tasks
+    }
 
 
 def write_local_yaml(name: str, data_dir: Path, folder: Path) -> Path:
@@ -161,7 +192,9 @@ def task_manager(tasks: list[ResolvedTask], data_dir: Path, folder: Path):
     paths: list[str] = []
     index_everything = False
     for task in tasks:
-        if task.source == "hub":
+        if task.source == "include":
+            paths.append(task.protocol["include_path"])
+        elif task.source == "hub":
             if task.name in BUILTIN_DIRS:
                 paths.append(str(LM_EVAL_TASKS_DIR / BUILTIN_DIRS[task.name]))
             else:

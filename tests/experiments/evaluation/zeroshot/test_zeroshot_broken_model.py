@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_rtn_w2_shows_a_significant_drop(smollm2, fresh_smollm2, data_dir):
     tasks = resolve_tasks(["lambada_openai"], data_dir, "local")
-    baseline, _ = evaluate_tasks(smollm2.model, smollm2.tokenizer, tasks, data_dir, limit=20, batch_size=8)
+    baseline = evaluate_tasks(smollm2.model, smollm2.tokenizer, tasks, data_dir, limit=20, batch_size=8).results
     items = baseline["lambada_openai"].items
     assert sum(items["acc"]) >= 4  # SmolLM2 gets a fair share of LAMBADA's last words right
     itself = task_delta(items, items)
@@ -23,7 +23,7 @@ def test_rtn_w2_shows_a_significant_drop(smollm2, fresh_smollm2, data_dir):
 
     quantize_model(fresh_smollm2.model, fresh_smollm2.architecture, RTN(RTNConfig(bits=2, group_size=128)), None,
                    torch.device("cpu"))
-    broken, _ = evaluate_tasks(fresh_smollm2.model, fresh_smollm2.tokenizer, tasks, data_dir, limit=20, batch_size=8)
+    broken = evaluate_tasks(fresh_smollm2.model, fresh_smollm2.tokenizer, tasks, data_dir, limit=20, batch_size=8).results
     delta = task_delta(broken["lambada_openai"].items, items)
     assert delta["ci_high"] < 0 and delta["significant"]
     assert delta["lost"] > delta["gained"]
