@@ -17,6 +17,7 @@ from experiments.evaluation.zeroshot.stage import check_tokenizer, plan_tasks
 from experiments.evaluation.zeroshot.tasks import resolve_tasks
 from methods.base import ConfigError
 from tests.conftest import compose_config
+from tests.experiments.evaluation.test_zeroshot_and_kl import TINY, private_cache  # noqa: F401 (a fixture)
 
 QUESTIONS = [("What is two plus two?", ["four", "five"], 0), ("Color of the clear sky?", ["green", "blue"], 1),
              ("Opposite of hot?", ["cold", "warm"], 0), ("Animal that barks?", ["cat", "dog"], 1)]
@@ -167,3 +168,39 @@ def test_prompt_settings_are_validated_before_any_model(task_dir, monkeypatch):
         plan_tasks(check(f"eval.include_path={task_dir / 'absent'}", "eval.tasks=[tiny_gen]").eval)
     with pytest.raises(ConfigError, match="no chat template"):
         check_tokenizer(SimpleNamespace(chat_template=None), run.eval)
+
+
+@pytest.mark.usefixtures("private_cache")
+def test_a_run_records_groups_generation_prompt_settings_and_lm_evals_files(task_dir, tmp_path):
+    from experiments.records.reporting.text import render, run_rows
+    from experiments.records.tracking import fidelity_summary
+    from experiments.run.cli import run_from_config
+
+    overrides = [o for o in TINY if not o.startswith(("eval.tasks", "eval.limit"))]
+    config = compose_config(*overrides, "eval.tasks=[tiny_group,tiny_gen]", f"eval.include_path={task_dir}",
+                            "eval.num_fewshot=1", "eval.limit=2")
+    run_dir = tmp_path / "run"
+    record = run_from_config(config, run_dir, progress=False)
+    tasks = record["metrics"]["tasks"]
+    assert set(tasks) == {"tiny_group", "tiny_mc_a", "tiny_mc_b", "tiny_gen"} == set(record["baseline"]["tasks"])
+    assert tasks["tiny_group"]["kind"] == "group" and tasks["tiny_group"]["n"] == 4
+    protocol = record["eval_protocol"]["tasks"]["tiny_group"]
+    assert (protocol["source"], protocol["num_fewshot"], protocol["apply_chat_template"],
+            protocol["fewshot_as_multiturn"], protocol["system_instruction"]) == ("include", 1, False, False, None)
+    # paired deltas per task, the generative one on its per-filter exact match
+    delta = record["metrics"]["delta"]
+    assert set(delta) == {"tiny_mc_a", "tiny_mc_b", "tiny_gen"} and delta["tiny_mc_a"]["n"] == 2
+    assert delta["tiny_gen"]["exact_match,raw"]["n"] == 2
+    items = json.loads((run_dir / "zeroshot_items.json").read_text())["rtn W4 g32"]
+    assert set(items) == {"tiny_mc_a", "tiny_mc_b", "tiny_gen"}
+    # lm-eval's files: the quantized model's, and the baseline's (computed in this run, one set per name)
+    files = record["lm_eval_files"]
+    assert json.loads((run_dir / files["results"]).read_text())["n-shot"]["tiny_mc_b"] == 1
+    assert all((run_dir / path).is_file() for path in files["samples"].values())
+    assert set(record["baseline"]["lm_eval_files"]) == {"tiny_group", "tiny_gen"}
+    # fp16 changes no weight: the baseline's entries, no evaluation and no files of its own
+    fp16 = record["comparisons"][0]
+    assert fp16["metrics"]["tasks"]["tiny_group"]["acc"] == record["baseline"]["tasks"]["tiny_group"]["acc"]
+    assert "lm_eval_files" not in fp16
+    assert "acc tiny_group" in render(run_rows(record))
+    assert fidelity_summary(record)["tasks/tiny_group/acc"] == tasks["tiny_group"]["acc"]
