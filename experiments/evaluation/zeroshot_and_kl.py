@@ -2,9 +2,10 @@
 task accuracy paired with the baseline's on the same items (experiments/evaluation/zeroshot) and KL
 to the baseline's token distributions over the perplexity windows (experiments/evaluation/kl.py).
 
-experiments/run/flow.py calls three things: `plan` before the model loads (bad task names or
-missing data fail in a second), `compute_baseline` next to the baseline perplexity (everything
-cached), and, per quantized model, `kl_observer` inside its perplexity pass and `evaluate` after it.
+experiments/run/flow.py calls four things: `plan` before the model loads (bad task names or
+missing data fail in a second), `check_prompting` once the tokenizer is there, `compute_baseline`
+next to the baseline perplexity (everything cached), and, per quantized model, `kl_observer` inside
+its perplexity pass and `evaluate` after it (lm-eval's own files go to lm_eval/<model label>/).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from experiments.evaluation.kl import KLAccumulator, TopKSummary, baseline_summa
 from experiments.evaluation.zeroshot.stage import (
     baseline_as_quantized,
     baseline_tasks,
+    check_tokenizer,
     plan_tasks,
     quantized_tasks,
     task_protocol,
@@ -34,12 +36,17 @@ LM_EVAL_DIR = "lm_eval"  # lm-eval's own results_*.json and samples_<task>_*.jso
 @dataclass
 class Baseline:
     tasks: list[ResolvedTask] = field(default_factory=list)
-    task_results: dict[str, dict] = field(default_factory=dict)  # {task: {"metrics", "items"}}
+    task_results: dict[str, dict] = field(default_factory=dict)  # {task or group: {"metrics", "items"}}
     kl: dict[str, TopKSummary] = field(default_factory=dict)  # {dataset: summary}
 
 
 def plan(run: Any) -> list[ResolvedTask]:
     return plan_tasks(run.eval)
+
+
+def check_prompting(tokenizer: Any, run: Any) -> None:
+    """eval.apply_chat_template against the loaded tokenizer, before any baseline is computed."""
+    check_tokenizer(tokenizer, run.eval)
 
 
 def compute_baseline(loaded: Any, run: Any, sets: dict[str, Any], tasks: list[ResolvedTask], record: Any) -> Baseline:

@@ -33,15 +33,17 @@ def fidelity_summary(record: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for prefix, tasks in (("tasks", metrics.get("tasks") or {}), ("baseline_tasks", baseline.get("tasks") or {})):
         for task, entry in tasks.items():
-            for name in ("acc", "acc_norm", "stderr", "acc_norm_stderr", "perplexity", "n"):
-                if entry.get(name) is not None:
-                    out[f"{prefix}/{task}/{name}"] = entry[name]
+            for name, value in entry.items():  # every number: acc, stderr, exact_match,<filter>, n, ...
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    out[f"{prefix}/{task}/{name}"] = value
     for task, delta in (metrics.get("delta") or {}).items():
-        for name in ("value", "ci_low", "ci_high", "gained", "lost", "significant"):
-            out[f"delta/{task}/{name}"] = delta.get(name)
-        for name in ("value", "ci_low", "ci_high"):
-            if "acc_norm" in delta:
-                out[f"delta/{task}/acc_norm/{name}"] = delta["acc_norm"].get(name)
+        if "value" in delta:  # acc
+            for name in ("value", "ci_low", "ci_high", "gained", "lost", "significant"):
+                out[f"delta/{task}/{name}"] = delta.get(name)
+        for metric, nested in delta.items():  # acc_norm, exact_match,<filter>
+            if isinstance(nested, dict):
+                for name in ("value", "ci_low", "ci_high"):
+                    out[f"delta/{task}/{metric}/{name}"] = nested.get(name)
     for dataset, kl in (metrics.get("kl") or {}).items():
         for name in ("mean_kl", "ci_low", "ci_high", "top1_agreement"):
             out[f"kl/{dataset}/{name}"] = kl.get(name)

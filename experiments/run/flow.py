@@ -283,6 +283,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
             module_rules.check_model(rules, loaded.architecture, loaded.model, get_method_class(name))
         if run.calib.chat_template and needs_calibration(run):  # before the baseline, not after it
             check_chat_template(loaded.tokenizer)
+        zeroshot_and_kl.check_prompting(loaded.tokenizer, run)  # eval.apply_chat_template needs a template
         model = loaded.model
         record.data["model"] = {
             "name": base_spec.name, "fingerprint": loaded.fingerprint, "model_type": model.config.model_type,

@@ -77,7 +77,6 @@ def baseline_tasks(
     """{task or group: {"metrics", "items"}} of the full-precision model, each eval.tasks name
     (with its subtasks) cached on its own (keyed by model, task protocol and code version), the
     seconds spent computing, and lm-eval's files of what was computed here (not of cached names)."""
-    check_tokenizer(loaded.tokenizer, evaluation)
     cache = Cache("baseline", root=cache_root)
     out: dict[str, dict] = {}
     files: dict[str, dict] = {}

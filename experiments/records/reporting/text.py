@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from experiments.evaluation.zeroshot.results import stderr_name
+
 
 def _ppl_cell(entry: dict[str, Any] | None) -> str:
     if not entry or entry.get("value") is None:
@@ -15,15 +17,25 @@ def _ppl_cell(entry: dict[str, Any] | None) -> str:
     return f"{value:.3f} ± {half:.3f}"
 
 
-def _task_cell(entry: dict[str, Any] | None, delta: dict[str, Any] | None = None) -> str:
-    """acc ± stderr in %, and for a quantized model its paired difference to the baseline with the
+def headline_metric(entry: dict[str, Any]) -> str | None:
+    """The number a table shows for a task or group: acc where lm-eval defines it, else its first
+    numeric metric (a generative task's `exact_match,<filter>`)."""
+    if entry.get("acc") is not None:
+        return "acc"
+    numbers = [k for k, v in entry.items() if isinstance(v, float) and k != "stderr" and "_stderr" not in k]
+    return numbers[0] if numbers else None
+
+
+def _task_cell(entry: dict[str, Any] | None, metric: str, delta: dict[str, Any] | None = None) -> str:
+    """metric ± stderr in %, and for a quantized model its paired difference to the baseline with the
     bootstrap interval, marked * when the interval excludes 0."""
-    if not entry or entry.get("acc") is None:
+    if not entry or entry.get(metric) is None:
         return "-"
-    cell = f"{100 * entry['acc']:.1f}"
-    if entry.get("stderr") is not None:
-        cell += f" ± {100 * entry['stderr']:.1f}"
-    if delta and delta.get("value") is not None:
+    cell = f"{100 * entry[metric]:.1f}"
+    if (stderr := entry.get(stderr_name(metric))) is not None:
+        cell += f" ± {100 * stderr:.1f}"
+    delta = (delta if metric == "acc" else (delta or {}).get(metric)) or {}
+    if delta.get("value") is not None:
         mark = "*" if delta.get("significant") else ""
         cell += f" ({100 * delta['value']:+.1f} [{100 * delta['ci_low']:+.1f}, {100 * delta['ci_high']:+.1f}]{mark})"
     return cell
@@ -39,13 +51,16 @@ def fidelity_columns(record: dict[str, Any], entry: dict[str, Any] | None) -> di
     """Task accuracy and KL columns of one row: the baseline's when `entry` is None."""
     metrics = (entry or {}).get("metrics") or {}
     baseline = (record.get("baseline") or {}).get("tasks") or {}
-    tasks = list(((record.get("metrics") or {}).get("tasks") or {}) or baseline)
+    entries = ((record.get("metrics") or {}).get("tasks") or {}) or baseline
     columns = {}
-    for task in tasks:
+    for task, reference in entries.items():
+        if reference.get("group") or (metric := headline_metric(reference)) is None:
+            continue  # a group's subtasks stay in the record; the table shows the group
         if entry is None:
-            columns[f"acc {task}"] = _task_cell(baseline.get(task))
+            columns[f"{metric} {task}"] = _task_cell(baseline.get(task), metric)
         else:
-            columns[f"acc {task}"] = _task_cell((metrics.get("tasks") or {}).get(task), (metrics.get("delta") or {}).get(task))
+            columns[f"{metric} {task}"] = _task_cell((metrics.get("tasks") or {}).get(task), metric,
+                                                     (metrics.get("delta") or {}).get(task))
     for dataset in ((record.get("metrics") or {}).get("kl") or {}):
         columns[f"KL/top1 {dataset}"] = "0 / 100%" if entry is None else _kl_cell((metrics.get("kl") or {}).get(dataset))
     return columns

@@ -202,5 +202,9 @@ def test_a_run_records_groups_generation_prompt_settings_and_lm_evals_files(task
     fp16 = record["comparisons"][0]
     assert fp16["metrics"]["tasks"]["tiny_group"]["acc"] == record["baseline"]["tasks"]["tiny_group"]["acc"]
     assert "lm_eval_files" not in fp16
-    assert "acc tiny_group" in render(run_rows(record))
-    assert fidelity_summary(record)["tasks/tiny_group/acc"] == tasks["tiny_group"]["acc"]
+    # the table shows the group (not its subtasks) and the generative task's exact match
+    table = render(run_rows(record))
+    assert "acc tiny_group" in table and "exact_match,raw tiny_gen" in table and "tiny_mc_a" not in table
+    flat = fidelity_summary(record)
+    assert flat["tasks/tiny_group/acc"] == tasks["tiny_group"]["acc"] and "tasks/tiny_mc_a/stderr" in flat
+    assert flat["delta/tiny_gen/exact_match,raw/value"] == delta["tiny_gen"]["exact_match,raw"]["value"]
