@@ -85,7 +85,7 @@ class EvalConfig:
     ppl: PPLConfig = field(default_factory=PPLConfig)
     tasks: list[str] = field(default_factory=list)  # lm-eval task names (experiments/evaluation/zeroshot)
     task_source: str = "auto"  # auto: local files when they are there (or the hub is off), else the hub; or local / hub
-    num_fewshot: int = 0
+    num_fewshot: int | None = 0  # null: each task's own default (lm-eval's, e.g. gsm8k's 5)
     apply_chat_template: bool = False  # prompts in the tokenizer's chat template (lm-eval's --apply_chat_template)
     fewshot_as_multiturn: bool | None = None  # few-shot examples as chat turns; null: as apply_chat_template
     system_instruction: str | None = None  # prepended to every prompt (lm-eval's --system_instruction)
@@ -260,7 +260,7 @@ def _validate_zeroshot(evaluation: EvalConfig) -> None:
     resolves its tasks (experiments/evaluation/zeroshot/tasks.py), still before the model loads."""
     _choice(evaluation.task_source, ("auto", "local", "hub"), "eval.task_source")
     _positive(evaluation.batch_size, "eval.batch_size")
-    if evaluation.num_fewshot < 0:
+    if evaluation.num_fewshot is not None and evaluation.num_fewshot < 0:
         raise ConfigError(f"eval.num_fewshot={evaluation.num_fewshot} must be 0 or more")
     if evaluation.limit is not None:
         _positive(evaluation.limit, "eval.limit")

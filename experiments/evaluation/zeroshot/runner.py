@@ -25,7 +25,7 @@ class Prompting:
     """How lm-eval builds each prompt (eval.num_fewshot, eval.apply_chat_template,
     eval.fewshot_as_multiturn, eval.system_instruction); recorded in each task's protocol."""
 
-    num_fewshot: int = 0
+    num_fewshot: int | None = 0  # None: each task's own default
     apply_chat_template: bool = False
     fewshot_as_multiturn: bool = False  # few-shot examples as chat turns: only inside a chat template
     system_instruction: str | None = None
@@ -128,6 +128,8 @@ def evaluate_tasks(
         )
         results = collect(out, [t.name for t in tasks], _group_weighting(manager, out.get("group_subtasks") or {}))
         samples = out.pop("samples")
+        if tracker is not None:  # else a random name: simple_evaluate gets a model object, not model_args
+            tracker.general_config_tracker.model_name = (out.get("config") or {}).get("model")
         files = write_lm_eval_files(tracker, out, samples, output_dir) if tracker is not None else None
     source = {t.name: t for t in tasks}
     for result in results.values():  # a group's subtasks come from where the group does

@@ -26,7 +26,7 @@ def plan_tasks(evaluation: Any) -> list[ResolvedTask]:
     tasks = resolve_tasks(list(evaluation.tasks), data_dir().absolute(), evaluation.task_source,
                           evaluation.include_path)
     local = [t.name for t in tasks if t.source == "local"]
-    if evaluation.num_fewshot > 0 and local:
+    if (evaluation.num_fewshot or 0) > 0 and local:
         raise ConfigError(
             f"eval.num_fewshot={evaluation.num_fewshot}: the local copies of {', '.join(local)} have no training "
             "split to draw examples from (lm-eval's few-shot source); use eval.num_fewshot=0, the hub, or your "

@@ -121,8 +121,10 @@ def reduced_protocol_note(record: dict[str, Any]) -> str | None:
             notes.append(f"{dataset} on {protocol.get('n_windows')} of {protocol.get('n_windows_total')} windows of "
                          f"{protocol.get('seqlen')} tokens (papers: every window of {PAPER_SEQLEN})")
     for task, protocol in (record.get("eval_protocol") or {}).get("tasks", {}).items():
-        if protocol.get("limit") is not None or protocol.get("num_fewshot"):
-            notes.append(f"{task} on the first {protocol.get('limit')} items, {protocol.get('num_fewshot')}-shot "
+        if protocol.get("limit") is not None or protocol.get("num_fewshot", 0) != 0:
+            shots = protocol.get("num_fewshot", 0)
+            notes.append(f"{task} on the first {protocol.get('limit')} items, "
+                         f"{'the task default' if shots is None else shots}-shot "
                          "(papers: every item, 0-shot)")
     calib = record.get("calib")
     if calib and (calib.get("nsamples"), calib.get("seqlen")) != PAPER_CALIBRATION:

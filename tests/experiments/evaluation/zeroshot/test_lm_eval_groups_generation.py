@@ -51,7 +51,7 @@ def task_dir(tmp_path_factory) -> Path:
     train = _jsonl(folder / "gen_train.jsonl", [dict(s, question="SHOT " + s["question"]) for s in sums])
     test = _jsonl(folder / "gen_test.jsonl", sums)
     (folder / "tiny_gen.yaml").write_text(_task_yaml("tiny_gen", train, test, (
-        "output_type: generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "num_fewshot: 3\noutput_type: generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"{{answer}}\"\n"
         "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 4\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
         "filter_list:\n  - name: raw\n    filter:\n      - function: take_first\n"
@@ -128,6 +128,16 @@ def test_lm_evals_files_parse_and_hold_the_few_shot_prompts(evaluated):
     assert run.results["tiny_mc_a"].metrics["config"]["num_fewshot"] == 2
 
 
+def test_the_tasks_own_shots_without_num_fewshot(evaluated, data_dir, tmp_path):
+    """eval.num_fewshot=null: each task's own default (tiny_gen's YAML says 3; 2 above overrode it)."""
+    tasks, _, tiny = evaluated
+    run = evaluate_tasks(tiny.model, tiny.tokenizer, tasks[1:], data_dir, prompting=Prompting(num_fewshot=None),
+                         limit=1, output_dir=tmp_path)
+    assert run.results["tiny_gen"].metrics["config"]["num_fewshot"] == 3
+    sample = json.loads(Path(run.files["samples"]["tiny_gen"]).read_text().splitlines()[0])
+    assert sample["arguments"]["gen_args_0"]["arg_0"].count("SHOT ") == 3
+
+
 def test_chat_template_multiturn_and_system_instruction_reach_the_prompt(evaluated, data_dir, tmp_path):
     tasks, _, tiny = evaluated
     mc = resolve_tasks(["tiny_mc_a"], data_dir, "auto", tasks[0].protocol["include_path"])
@@ -162,6 +172,9 @@ def test_prompt_settings_are_validated_before_any_model(task_dir, monkeypatch):
 
     with pytest.raises(ConfigError, match="eval.fewshot_as_multiturn=true needs eval.apply_chat_template=true"):
         check("eval.fewshot_as_multiturn=true")
+    assert check("eval.num_fewshot=null").eval.num_fewshot is None
+    with pytest.raises(ConfigError, match="eval.num_fewshot"):
+        check("eval.num_fewshot=-1")
     run = check("eval.apply_chat_template=true", f"eval.include_path={task_dir}", "eval.tasks=[tiny_gen]")
     assert run.eval.fewshot_as_multiturn is None and [t.source for t in plan_tasks(run.eval)] == ["include"]
     with pytest.raises(ConfigError, match="eval.include_path"):
