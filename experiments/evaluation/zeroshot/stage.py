@@ -13,6 +13,7 @@ from experiments.evaluation.statistics import task_delta
 from experiments.store.cache import Cache
 from methods.base import ConfigError
 
+from .results import means
 from .runner import Prompting, TaskRun, evaluate_tasks
 from .tasks import ResolvedTask, resolve_tasks
 
@@ -99,12 +100,51 @@ def baseline_tasks(
     return out, spent, files
 
 
+def _pooled_items(name: str, entries: dict[str, dict]) -> dict[str, list]:
+    """A group's per-item outcomes: the items of every task under it, one task after another (ids
+    `task/doc_id`), for the per-item metrics all of them have."""
+    leaves: list[str] = []
+
+    def walk(group: str) -> None:
+        for child in entries[group]["metrics"].get("subtasks") or []:
+            if entries[child]["metrics"].get("kind") == "group":
+                walk(child)
+            else:
+                leaves.append(child)
+
+    walk(name)
+    if not leaves:
+        return {"doc_id": []}
+    common = set.intersection(*(set(entries[leaf]["items"]) for leaf in leaves)) - {"doc_id", "loglik"}
+    pooled = {"doc_id": [f"{leaf}/{doc}" for leaf in leaves for doc in entries[leaf]["items"]["doc_id"]]}
+    for metric in common:
+        pooled[metric] = [value for leaf in leaves for value in entries[leaf]["items"][metric]]
+    return pooled
+
+
+def group_deltas(quantized: dict[str, dict], baseline: dict[str, dict]) -> dict[str, dict]:
+    """Each group's paired difference to the baseline, over all its tasks' items, for the metrics
+    whose group number is the mean of those items (lm-eval's size-weighted aggregate), so the
+    difference is the group number's; an unweighted mean over unequal tasks gets none."""
+    deltas = {}
+    for name, entry in quantized.items():
+        if entry["metrics"].get("kind") != "group" or name not in baseline:
+            continue
+        pooled = _pooled_items(name, quantized)
+        exact = set(means(entry["metrics"], pooled))
+        delta = task_delta({k: v for k, v in pooled.items() if k == "doc_id" or k in exact},
+                           _pooled_items(name, baseline))
+        if delta is not None:
+            deltas[name] = delta
+    return deltas
+
+
 def quantized_tasks(
     model: Any, tokenizer: Any, evaluation: Any, tasks: list[ResolvedTask], baseline: dict[str, dict],
     output_dir: Path | None = None,
 ) -> dict[str, Any]:
     """metrics.tasks, metrics.delta, per-item outcomes, seconds and lm-eval's files of the model as
-    it is now. Deltas are paired per task (a group's tasks each have theirs)."""
+    it is now. Deltas are paired per task, and per group over its tasks' items."""
     run = _run(model, tokenizer, tasks, evaluation, output_dir)
     metrics, deltas, items = {}, {}, {}
     for name, result in run.results.items():
@@ -113,6 +153,7 @@ def quantized_tasks(
             items[name] = result.items
             if (delta := task_delta(result.items, baseline[name]["items"])) is not None:
                 deltas[name] = delta
+    deltas.update(group_deltas({n: {"metrics": r.metrics, "items": r.items} for n, r in run.results.items()}, baseline))
     return {"tasks": metrics, "delta": deltas, "items": items, "seconds": run.seconds, "lm_eval_files": run.files}
 
 
@@ -120,5 +161,5 @@ def baseline_as_quantized(baseline: dict[str, dict]) -> tuple[dict[str, dict], d
     """A method that changes no weight (fp16) is the baseline: its numbers, and zero deltas."""
     metrics = {name: dict(entry["metrics"]) for name, entry in baseline.items()}
     items = {name: entry["items"] for name, entry in baseline.items() if entry["items"]}
-    deltas = {name: task_delta(entry, entry) for name, entry in items.items()}
+    deltas = {name: task_delta(entry, entry) for name, entry in items.items()} | group_deltas(baseline, baseline)
     return metrics, {k: v for k, v in deltas.items() if v is not None}, items

@@ -202,7 +202,11 @@ def test_a_run_records_groups_generation_prompt_settings_and_lm_evals_files(task
             protocol["fewshot_as_multiturn"], protocol["system_instruction"]) == ("include", 1, False, False, None)
     # paired deltas per task, the generative one on its per-filter exact match
     delta = record["metrics"]["delta"]
-    assert set(delta) == {"tiny_mc_a", "tiny_mc_b", "tiny_gen"} and delta["tiny_mc_a"]["n"] == 2
+    assert set(delta) == {"tiny_group", "tiny_mc_a", "tiny_mc_b", "tiny_gen"} and delta["tiny_mc_a"]["n"] == 2
+    # the group's: over its tasks' items, so the size-weighted mean of theirs (equal sizes here)
+    assert delta["tiny_group"]["n"] == 4
+    assert delta["tiny_group"]["value"] == pytest.approx((delta["tiny_mc_a"]["value"] + delta["tiny_mc_b"]["value"]) / 2)
+    assert delta["tiny_group"]["value"] == pytest.approx(tasks["tiny_group"]["acc"] - record["baseline"]["tasks"]["tiny_group"]["acc"])
     assert delta["tiny_gen"]["exact_match,raw"]["n"] == 2
     items = json.loads((run_dir / "zeroshot_items.json").read_text())["rtn W4 g32"]
     assert set(items) == {"tiny_mc_a", "tiny_mc_b", "tiny_gen"}
@@ -214,7 +218,7 @@ def test_a_run_records_groups_generation_prompt_settings_and_lm_evals_files(task
     # fp16 changes no weight: the baseline's entries, no evaluation and no files of its own
     fp16 = record["comparisons"][0]
     assert fp16["metrics"]["tasks"]["tiny_group"]["acc"] == record["baseline"]["tasks"]["tiny_group"]["acc"]
-    assert "lm_eval_files" not in fp16
+    assert "lm_eval_files" not in fp16 and fp16["metrics"]["delta"]["tiny_group"]["value"] == 0.0
     # the table shows the group (not its subtasks) and the generative task's exact match
     table = render(run_rows(record))
     assert "acc tiny_group" in table and "exact_match,raw tiny_gen" in table and "tiny_mc_a" not in table
