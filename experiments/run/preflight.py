@@ -169,7 +169,8 @@ def check_calibration_text(calib: Any) -> str:
 
 
 def check_tasks(run: Any) -> dict[str, str]:
-    """Each local zero-shot task's files, read as the run will read them: {task: sha256 or hub}."""
+    """Each local zero-shot task's files, read as the run will read them: {task: sha256, include folder's
+    sha256, or hub}."""
     if not run.eval.tasks:
         return {}
     from experiments.evaluation.zeroshot.local_data import READERS
@@ -179,8 +180,10 @@ def check_tasks(run: Any) -> dict[str, str]:
     fingerprints = {}
     root = data_dir().absolute()
     for task in plan_tasks(run.eval):
-        if task.source != "local":
-            fingerprints[f"task:{task.name}"] = "hub"
+        if task.source != "local":  # a folder of your own YAMLs (hashed when resolved), or the hub
+            fingerprints[f"task:{task.name}"] = (
+                f"include:{task.protocol['files_sha256']}" if task.source == "include" else "hub"
+            )
             continue
         spec = LOCAL_TASKS[task.name]
         files = ", ".join(str(root / f) for f in spec.files)

@@ -177,6 +177,9 @@ def test_prompt_settings_are_validated_before_any_model(task_dir, monkeypatch):
         check("eval.num_fewshot=-1")
     run = check("eval.apply_chat_template=true", f"eval.include_path={task_dir}", "eval.tasks=[tiny_gen]")
     assert run.eval.fewshot_as_multiturn is None and [t.source for t in plan_tasks(run.eval)] == ["include"]
+    from experiments.run.preflight import check_tasks
+
+    assert check_tasks(run) == {"task:tiny_gen": f"include:{plan_tasks(run.eval)[0].protocol['files_sha256']}"}
     with pytest.raises(ConfigError, match="eval.include_path"):
         plan_tasks(check(f"eval.include_path={task_dir / 'absent'}", "eval.tasks=[tiny_gen]").eval)
     with pytest.raises(ConfigError, match="no chat template"):
