@@ -17,6 +17,12 @@ still fit the budget and lower the damage, the one with the largest damage reduc
 is taken, until none is left. The result is at or below the budget, never above, and not
 necessarily optimal (a knapsack could trade two cheap upgrades for one dear one).
 
+`allocation.solver=dp` solves the same problem exactly over a discretised budget instead (a
+multiple-choice knapsack by dynamic programming): the bits above the all-lowest allocation are
+counted in `allocation.dp_buckets` equal quanta, each upgrade's cost rounded UP to whole quanta, so
+its answer also never exceeds the budget; it is optimal for the rounded costs (exactly optimal
+when the costs are multiples of the quantum), and costs units × buckets × choices operations.
+
 The widths become per-module rules, one exact regex per linear (`^model\\.layers\\.3\\.mlp\\.down_proj$`)
 or per block (`^model\\.layers\\.3\\.`), which the run then applies as if given as `modules=` (so any
 method runs under them; AWQ refuses widths that split a group it scales together). The record's
@@ -37,6 +43,7 @@ from typing import Any
 from methods.base import ConfigError
 
 DAMAGES = ("nll_delta", "kl")
+SOLVERS = ("greedy", "dp")
 RULES_FILE = "allocation_rules.yaml"
 
 
@@ -48,6 +55,8 @@ class AllocationConfig:
     choices: list[int] = field(default_factory=lambda: [2, 3, 4, 8])
     sensitivity: str | None = None  # a sensitivity.json (or the run directory holding one)
     damage: str = "nll_delta"  # nll_delta | kl
+    solver: str = "greedy"  # greedy | dp (exact over a discretised budget)
+    dp_buckets: int = 10000  # solver=dp: quanta the budget above all-lowest is cut into
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,41 @@ def greedy_allocation(units: list[UnitCosts], choices: list[int], target_bits: f
         spent += cost
 
 
+def dp_allocation(units: list[UnitCosts], choices: list[int], target_bits: float, buckets: int = 10000
+                  ) -> dict[str, int]:
+    """The multiple-choice knapsack over a discretised budget (module docstring): minimum summed
+    damage with every unit at one width and the rounded-up costs within the budget."""
+    import math
+
+    import numpy as np
+
+    widths = sorted(set(choices))
+    budget = Fraction(str(target_bits)) * sum(u.numel for u in units)
+    floor = sum(u.bits[widths[0]] for u in units)
+    if floor > budget:
+        raise ConfigError(f"allocation.target_bits={target_bits} is below the lowest choice: every unit at "
+                          f"{widths[0]} bits already averages {floor / sum(u.numel for u in units):.4f}")
+    spare = budget - floor
+    quantum = max(spare / buckets, Fraction(1))  # bits per bucket (never finer than one bit)
+    n = int(spare // quantum)
+    best = np.zeros(n + 1)  # best[b]: least damage of the units so far within b buckets
+    picks = np.zeros((len(units), n + 1), dtype=np.int8)
+    for i, unit in enumerate(units):
+        candidates = np.full((len(widths), n + 1), np.inf)
+        for k, width in enumerate(widths):
+            cost = math.ceil(Fraction(unit.bits[width] - unit.bits[widths[0]]) / quantum)
+            if cost <= n:
+                candidates[k, cost:] = best[: n + 1 - cost] + unit.damage[width]
+        picks[i] = candidates.argmin(axis=0)
+        best = candidates.min(axis=0)
+    choice, b = {}, n
+    for i in range(len(units) - 1, -1, -1):  # walk back from the full budget
+        width = widths[picks[i, b]]
+        choice[units[i].name] = width
+        b -= math.ceil(Fraction(units[i].bits[width] - units[i].bits[widths[0]]) / quantum)
+    return choice
+
+
 def unit_rules(record: dict[str, Any], widths: dict[str, int]) -> list[dict[str, Any]]:
     """The widths as `modules` rules: an exact regex per linear, or per block (its path and a dot)."""
     rules = []
@@ -110,6 +154,7 @@ class AllocationPlan:
     target_bits: float
     choices: list[int]
     damage: str
+    solver: str
     source: str
     unit: str
     widths: dict[str, int]
@@ -146,6 +191,10 @@ def check_config(config: AllocationConfig) -> None:
     if config.sensitivity is None:
         raise ConfigError("allocation.target_bits needs allocation.sensitivity=PATH: the sensitivity.json of an "
                           "experiment=sensitivity run of this model")
+    if config.solver not in SOLVERS:
+        raise ConfigError(f"allocation.solver={config.solver!r} is not valid; choose one of: {', '.join(SOLVERS)}")
+    if config.dp_buckets < 1:
+        raise ConfigError(f"allocation.dp_buckets={config.dp_buckets} must be a positive integer")
     if config.damage not in DAMAGES:
         raise ConfigError(f"allocation.damage={config.damage!r} is not valid; choose one of: {', '.join(DAMAGES)}")
     if not config.choices or any(isinstance(c, bool) or not isinstance(c, int) for c in config.choices):
@@ -179,11 +228,15 @@ def plan(config: AllocationConfig, model: Any, group_size: int) -> AllocationPla
         raise ConfigError(f"allocation.choices={config.choices}: width(s) {missing} were not measured in {path} "
                           f"(it has {record['bits']}); choose among those")
     costs = _costs(record, config.choices, config.damage)
-    widths, steps = greedy_allocation(costs, config.choices, config.target_bits)
+    if config.solver == "dp":
+        widths, steps = dp_allocation(costs, config.choices, config.target_bits, config.dp_buckets), []
+    else:
+        widths, steps = greedy_allocation(costs, config.choices, config.target_bits)
     numel = sum(u.numel for u in costs)
     predicted = sum(u.bits[widths[u.name]] for u in costs) / numel
     return AllocationPlan(
-        target_bits=config.target_bits, choices=sorted(config.choices), damage=config.damage, source=str(path),
+        target_bits=config.target_bits, choices=sorted(config.choices), damage=config.damage, solver=config.solver,
+        source=str(path),
         unit=record["unit"], widths=widths, steps=steps, rules=unit_rules(record, widths),
         predicted_avg_bits=predicted, predicted_damage=sum(u.damage[widths[u.name]] for u in costs),
         model_fingerprint=theirs.get("fingerprint"),
@@ -195,7 +248,7 @@ def write_rules(plan_: AllocationPlan, run_dir: Path) -> Path:
     from omegaconf import OmegaConf
 
     path = Path(run_dir) / RULES_FILE
-    header = (f"# allocation to {plan_.target_bits} bits from {plan_.source} (greedy on {plan_.damage}); "
+    header = (f"# allocation to {plan_.target_bits} bits from {plan_.source} ({plan_.solver} on {plan_.damage}); "
               f"predicted avg_bits {plan_.predicted_avg_bits:.6f}\n")
     path.write_text(header + OmegaConf.to_yaml(OmegaConf.create({"modules": plan_.rules})))
     return path

@@ -128,3 +128,48 @@ def test_a_missing_record_and_a_budget_without_a_record_are_refused(tmp_path):
         _validate("allocation.target_bits=3.0", f"allocation.sensitivity={tmp_path / 'nothing.json'}")
     with pytest.raises(ConfigError, match="needs allocation.sensitivity"):
         _validate("allocation.target_bits=3.0")
+
+
+def _brute_force(units: list[UnitCosts], widths: list[int], target: float) -> float:
+    import itertools
+
+    budget = Fraction(str(target)) * sum(u.numel for u in units)
+    best = float("inf")
+    for combo in itertools.product(widths, repeat=len(units)):
+        if sum(u.bits[w] for u, w in zip(units, combo)) <= budget:
+            best = min(best, sum(u.damage[w] for u, w in zip(units, combo)))
+    return best
+
+
+def test_dp_is_optimal_where_the_greedy_is_not_and_stays_within_the_budget():
+    from experiments.run.allocation import dp_allocation
+
+    # greedy: b 2->3 first (per bit 0.08 > a's 0.07), then a's 2->8 no longer fits; optimum: a at 8
+    units = [_unit("a", {2: 50, 3: 49, 8: 8}), _unit("b", {2: 10, 3: 2, 8: 1.9})]
+    widths_g, _ = greedy_allocation(units, [2, 3, 8], 5.0)
+    widths_d = dp_allocation(units, [2, 3, 8], 5.0)
+    damage = {name: sum(u.damage[w[u.name]] for u in units) for name, w in (("greedy", widths_g), ("dp", widths_d))}
+    assert widths_d == {"a": 8, "b": 2} and damage["dp"] == 18 < damage["greedy"]
+    rng = random.Random(2)
+    for _ in range(30):
+        units = [UnitCosts(f"u{i}", 10, {w: w * 10 + rng.randint(0, 3) for w in (2, 3, 4, 8)},
+                           dict(zip((2, 3, 4, 8), sorted((rng.random() for _ in range(4)), reverse=True))))
+                 for i in range(rng.randint(1, 5))]
+        target = rng.uniform(2.5, 8.5)
+        if sum(u.bits[2] for u in units) > Fraction(str(target)) * sum(u.numel for u in units):
+            continue
+        widths = dp_allocation(units, [2, 3, 4, 8], target, buckets=10**6)  # one bit per quantum: exact
+        assert sum(u.bits[widths[u.name]] for u in units) <= Fraction(str(target)) * sum(u.numel for u in units)
+        assert sum(u.damage[widths[u.name]] for u in units) == pytest.approx(_brute_force(units, [2, 3, 4, 8], target))
+        coarse = dp_allocation(units, [2, 3, 4, 8], target, buckets=7)  # rounded-up costs: still within budget
+        assert sum(u.bits[coarse[u.name]] for u in units) <= Fraction(str(target)) * sum(u.numel for u in units)
+
+
+def test_solver_dp_runs_through_the_config(tmp_path):
+    _record(tmp_path)
+    greedy = _validate("allocation.target_bits=3.0", f"allocation.sensitivity={tmp_path}").allocation
+    dp = _validate("allocation.target_bits=3.0", "allocation.solver=dp", f"allocation.sensitivity={tmp_path}").allocation
+    assert dp.solver == "dp" and dp.predicted_avg_bits <= 3.0
+    assert dp.predicted_damage <= greedy.predicted_damage + 1e-12
+    with pytest.raises(ConfigError, match="allocation.solver='knapsack' is not valid"):
+        _validate("allocation.target_bits=3.0", "allocation.solver=knapsack", f"allocation.sensitivity={tmp_path}")
