@@ -40,9 +40,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from experiments.records.sensitivity_record import DAMAGES, damage_of
 from methods.base import ConfigError
 
-DAMAGES = ("nll_delta", "kl")
 SOLVERS = ("greedy", "dp")
 RULES_FILE = "allocation_rules.yaml"
 
@@ -173,10 +173,7 @@ def _costs(record: dict[str, Any], choices: list[int], damage: str) -> list[Unit
     for unit in record["units"]:
         results = unit["widths"]
         bits = {w: int(results[str(w)]["storage_bits"]) for w in choices}
-        if damage == "nll_delta":
-            values = {w: float(results[str(w)]["nll_delta"]["mean_nll_delta"]) for w in choices}
-        else:
-            values = {w: float(results[str(w)]["kl"]["mean_kl"]) for w in choices}
+        values = {w: damage_of(results[str(w)], damage) for w in choices}
         units.append(UnitCosts(unit["name"], int(unit["numel"]), bits, values))
     return units
 

@@ -184,11 +184,12 @@ def _print_sensitivity(record: dict[str, Any], run_dir: Path) -> None:
     """The end of an experiment=sensitivity run: the proxies ranked at the middle width measured."""
     from experiments.records.reporting import sensitivity
     from experiments.records.reporting.tables import render_flat
+    from experiments.records.sensitivity_record import SENSITIVITY_FILE
 
     bits = record["bits"][len(record["bits"]) // 2]
     print(sensitivity.title(record, bits))
     print(render_flat(sensitivity.proxy_ranking(record, bits).round(4), "markdown"))
-    print(f"record: {run_dir / 'sensitivity.json'} (quantlab-report {run_dir} --sensitivity {bits} "
+    print(f"record: {run_dir / SENSITIVITY_FILE} (quantlab-report {run_dir} --sensitivity {bits} "
           "[--plot heatmap heat.png])")
 
 

@@ -23,6 +23,7 @@ from experiments.evaluation.statistics import paired_delta
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config
 from experiments.records.record import RunRecord
+from experiments.records.sensitivity_record import SENSITIVITY_FILE
 from experiments.records.tracking import make_tracker
 from experiments.run import activations, allocation, allocation_files, module_rules, sensitivity
 from experiments.run.checks import needs_calibration
@@ -262,7 +263,7 @@ def _sensitivity(loaded: LoadedModel, run: RunConfig, record: RunRecord, run_dir
     calib_ids = calibration.get()
     inputs, _ = calibration.block_inputs(loaded)
     result = sensitivity.measure(loaded, run, calib_ids, inputs, windows, progress)
-    atomic_write_json(run_dir / sensitivity.SENSITIVITY_FILE, result)
+    atomic_write_json(run_dir / SENSITIVITY_FILE, result)
     return result
 
 

@@ -36,13 +36,12 @@ import torch
 from experiments.evaluation.kl import KLAccumulator, TopKRecorder
 from experiments.evaluation.perplexity import perplexity
 from experiments.evaluation.statistics import paired_delta
+from experiments.records.sensitivity_record import RECORD_VERSION, SENSITIVITY_FILE
 from kernels import QuantizedWeight
 from methods.base import ConfigError, MethodConfig
 from methods.hessian import collect_hessians
 from methods.sensitivity import fisher_error, hessian_trace_error, output_error
 
-SENSITIVITY_FILE = "sensitivity.json"
-RECORD_VERSION = 1
 UNITS = ("linear", "block")
 METHODS = ("rtn", "gptq")  # methods that quantize one linear from its weight (and Hessian) alone
 if TYPE_CHECKING:  # the driver imports the schema, which imports this module's config

@@ -17,14 +17,7 @@ import pandas as pd
 
 from experiments.evaluation.statistics import spearman
 from experiments.records.reporting.records import ReportError
-
-SENSITIVITY_FILE = "sensitivity.json"  # experiments/run/sensitivity.py writes it (not imported: torch-free here)
-DAMAGES = {"nll_delta": "ΔNLL", "kl": "KL"}
-
-
-def damage_of(entry: dict[str, Any], damage: str) -> float:
-    """A unit × width entry's measured damage: the mean paired NLL increase, or the mean KL."""
-    return entry["nll_delta"]["mean_nll_delta"] if damage == "nll_delta" else entry["kl"]["mean_kl"]
+from experiments.records.sensitivity_record import DAMAGES, SENSITIVITY_FILE, damage_of
 
 
 def load_sensitivity(paths: Iterable[Path | str]) -> list[tuple[Path, dict[str, Any]]]:

@@ -173,3 +173,17 @@ def test_solver_dp_runs_through_the_config(tmp_path):
     assert dp.predicted_damage <= greedy.predicted_damage + 1e-12
     with pytest.raises(ConfigError, match="allocation.solver='knapsack' is not valid"):
         _validate("allocation.target_bits=3.0", "allocation.solver=knapsack", f"allocation.sensitivity={tmp_path}")
+
+
+def test_a_record_of_other_weights_is_refused_once_the_model_loads(tmp_path):
+    """Same spec, different weights (a re-drawn random model, a re-downloaded checkpoint): the
+    fingerprint the record carries must be the loaded model's."""
+    from types import SimpleNamespace
+
+    from experiments.run.flow import _check_allocation_model
+
+    run = _validate("allocation.target_bits=3.0", f"allocation.sensitivity={_record(tmp_path)[0]}")
+    run.allocation.model_fingerprint = "random:aaaa:seed=0"
+    with pytest.raises(ConfigError, match="measured on weights random:aaaa:seed=0.*measure this model again"):
+        _check_allocation_model(run, SimpleNamespace(fingerprint="random:bbbb:seed=0"))
+    _check_allocation_model(run, SimpleNamespace(fingerprint="random:aaaa:seed=0"))

@@ -29,6 +29,7 @@ def _run(tmp_path, name: str, *extra: str, data_dir) -> dict:
     proc = run_quantlab("experiment=sensitivity", *SMALL, f"paths.cache_dir={_cache(tmp_path)}",
                         f"hydra.run.dir={tmp_path / name}", *extra, QUANTLAB_DATA_DIR=str(data_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ρ vs ΔNLL at W" in proc.stdout and "--sensitivity" in proc.stdout  # the run ends with the ranking
     return json.loads((tmp_path / name / "sensitivity.json").read_text())
 
 
