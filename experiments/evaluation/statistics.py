@@ -107,3 +107,36 @@ def task_delta(quantized_items: dict[str, list], baseline_items: dict[str, list]
             else:
                 out[metric] = delta
     return out or None
+
+
+def average_ranks(values: Sequence[float]) -> list[float]:
+    """Ranks 1..n of `values`, ties sharing the mean of the ranks they span (scipy's rankdata
+    'average'): [10, 20, 20, 5] -> [2, 3.5, 3.5, 1]."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation: Pearson's correlation of the average ranks (so ties are
+    handled as scipy.stats.spearmanr does). None when fewer than 2 pairs or a side is constant."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs pairs: {len(x)} x values, {len(y)} y values")
+    if len(x) < 2:
+        return None
+    rx, ry = average_ranks(x), average_ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)

@@ -40,6 +40,10 @@ def config_hash(config: dict[str, Any]) -> str:
         dropped.add("observer")
     if not config.get("modules"):
         dropped.add("modules")  # no per-module rules: the hash runs had before rules existed
+    if not config.get("sensitivity"):
+        dropped.add("sensitivity")  # likewise for runs that are not experiment=sensitivity
+    if not (config.get("allocation") or {}).get("target_bits"):
+        dropped.add("allocation")  # and for runs without a bit budget
     relevant = {k: v for k, v in config.items() if k not in dropped}
     if isinstance(relevant.get("calib"), dict) and "path" in relevant["calib"]:
         # a calibration file's content is in data_fingerprints: moving the file changes nothing

@@ -165,6 +165,9 @@ def app(cfg: DictConfig) -> float | None:
             return None
         sys.exit(2 if isinstance(error, ConfigError) else 1)
     print()
+    if record.get("sensitivity"):
+        _print_sensitivity(record["sensitivity"], run_dir)
+        return None
     if record.get("skipped"):
         print(f"skipped: {run_dir} already holds a finished run of this config (+force=true redoes it)")
     print(render(run_rows(record)))
@@ -175,6 +178,19 @@ def app(cfg: DictConfig) -> float | None:
     print(f"result: {run_dir / 'result.json'}")
     values = [m["value"] for m in record["metrics"]["ppl"].values()]
     return values[0] if values else None  # the first perplexity, for Hydra sweepers that optimize
+
+
+def _print_sensitivity(record: dict[str, Any], run_dir: Path) -> None:
+    """The end of an experiment=sensitivity run: the proxies ranked at the middle width measured."""
+    from experiments.records.reporting import sensitivity
+    from experiments.records.reporting.tables import render_flat
+    from experiments.records.sensitivity_record import SENSITIVITY_FILE
+
+    bits = record["bits"][len(record["bits"]) // 2]
+    print(sensitivity.title(record, bits))
+    print(render_flat(sensitivity.proxy_ranking(record, bits).round(4), "markdown"))
+    print(f"record: {run_dir / SENSITIVITY_FILE} (quantlab-report {run_dir} --sensitivity {bits} "
+          "[--plot heatmap heat.png])")
 
 
 def output_folder_problem(argv: list[str]) -> str | None:

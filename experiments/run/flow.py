@@ -23,17 +23,18 @@ from experiments.evaluation.statistics import paired_delta
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config
 from experiments.records.record import RunRecord
+from experiments.records.sensitivity_record import SENSITIVITY_FILE
 from experiments.records.tracking import make_tracker
-from experiments.run import activations, allocation_files, module_rules
+from experiments.run import activations, allocation, allocation_files, module_rules, sensitivity
 from experiments.run.checks import needs_calibration
 from experiments.run.pipeline import QuantizationReport, quantize_model
 from experiments.run.schema import RunConfig
 from experiments.store.artifacts import QuantizedStore, consistency_gate
-from experiments.store.cache import Cache
+from experiments.store.cache import Cache, atomic_write_json
 from experiments.store.shared_inputs import cached_block_inputs, cached_calibration_set, cached_eval_windows
 from kernels.linear import model_weight_bytes
 from methods import get_method_class
-from methods.base import Method
+from methods.base import ConfigError, Method
 
 EVAL_CODE_VERSION = 1  # bump when the perplexity computation changes: invalidates cached baselines
 
@@ -247,6 +248,32 @@ def _quantize_and_evaluate(
     }
 
 
+def _check_allocation_model(run: RunConfig, loaded: LoadedModel) -> None:
+    """The sensitivity record of an allocation must come from these very weights (the spec was
+    compared before loading; the fingerprint needs the model)."""
+    plan = run.allocation
+    if plan is not None and plan.model_fingerprint and plan.model_fingerprint != loaded.fingerprint:
+        raise ConfigError(f"allocation.sensitivity={plan.source} was measured on weights {plan.model_fingerprint}, "
+                          f"but {run.model.name!r} loads as {loaded.fingerprint}: measure this model again")
+
+
+def _sensitivity(loaded: LoadedModel, run: RunConfig, record: RunRecord, run_dir: Path, progress: bool) -> dict:
+    """experiment=sensitivity on the loaded model: sensitivity.json in the run directory."""
+    config = run.sensitivity
+    dataset = config.dataset or run.eval.ppl.datasets[0]
+    windows = cached_eval_windows(dataset, loaded.tokenizer, config.seqlen, config.windows, run.paths.cache_path)
+    if windows.input_ids.shape[0] < 2:
+        raise ConfigError(f"{dataset} gives {windows.input_ids.shape[0]} window(s) of {config.seqlen} tokens; "
+                          "the paired interval needs 2: lower sensitivity.seqlen")
+    place_for_eval(loaded.model, loaded.architecture, loaded.device)
+    calibration = _Calibration(run, loaded.tokenizer, record)
+    calib_ids = calibration.get()
+    inputs, _ = calibration.block_inputs(loaded)
+    result = sensitivity.measure(loaded, run, calib_ids, inputs, windows, progress)
+    atomic_write_json(run_dir / SENSITIVITY_FILE, result)
+    return result
+
+
 def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bool) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     record = RunRecord(run_dir, config)
@@ -281,6 +308,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         # module rules against the model's real linears, before the baseline or calibration
         for name, rules in [(run.method_name, run.modules), *run.comparison_modules.items()]:
             module_rules.check_model(rules, loaded.architecture, loaded.model, get_method_class(name))
+        _check_allocation_model(run, loaded)
         if run.calib.chat_template and needs_calibration(run):  # before the baseline, not after it
             check_chat_template(loaded.tokenizer)
         zeroshot_and_kl.check_prompting(loaded.tokenizer, run)  # eval.apply_chat_template needs a template
@@ -290,6 +318,13 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
             "family": loaded.architecture.family, "n_params": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": loaded.device.type,
         }
+        if run.sensitivity is not None:  # experiment=sensitivity: its own windows and reference, no baseline
+            record.data["sensitivity"] = _sensitivity(loaded, run, record, run_dir, progress)
+            record.finish_ok()
+            return record.data
+        if run.allocation is not None:
+            record.data["allocation"] = {**run.allocation.describe(),
+                                         "rules_file": str(allocation.write_rules(run.allocation, run_dir))}
         sets = _eval_sets(loaded, run)
         record.data["eval_protocol"] = {"ppl": {ds: w.protocol for ds, w in sets.items()}}
         place_for_eval(model, loaded.architecture, loaded.device)
@@ -306,6 +341,10 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         if (items := result.pop("_items")) is not None:
             zeroshot_and_kl.write_items(run_dir, label, items)
         record.data.update(result)
+        if run.allocation is not None:
+            measured = record.data["avg_bits"]
+            record.data["allocation"].update(measured_avg_bits=measured,
+                                             predicted_matches_measured=measured == run.allocation.predicted_avg_bits)
         if run.expected is not None:
             record.data["expected"] = asdict(run.expected)
             record.data["vs_expected"] = vs_expected(record.data["metrics"]["ppl"], run.expected.ppl)

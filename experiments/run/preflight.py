@@ -217,7 +217,10 @@ def check_tasks(run: Any) -> dict[str, str]:
 def check_data(run: Any) -> dict[str, str]:
     """Every text and task file the run needs; {purpose: content fingerprint}. Call it with the
     run's data directory in effect (experiments.run.flow.data_dir_from_config)."""
-    return {**check_texts(run), **check_tasks(run)}
+    fingerprints = {**check_texts(run), **check_tasks(run)}
+    if getattr(run, "allocation", None) is not None:  # the widths come from this file's content
+        fingerprints["allocation_sensitivity"] = hashlib.sha256(Path(run.allocation.source).read_bytes()).hexdigest()
+    return fingerprints
 
 
 def data_fingerprint(fingerprints: dict[str, str]) -> str:

@@ -19,8 +19,11 @@ from experiments.data.calibration import CalibrationSpec, join_separator
 from experiments.data.custom import TextSource
 from experiments.data.protocols import EVAL_DATASETS
 from experiments.models.loading import DTYPES, ModelSpec
+from experiments.run import allocation as allocation_
 from experiments.run.checks import check_calib, check_top_level
 from experiments.run.module_rules import ModuleRule, parse_rules
+from experiments.run.sensitivity import SensitivityConfig
+from experiments.run.sensitivity import check_config as check_sensitivity
 from kernels.activations import ActivationQuantizer
 from methods.base import ConfigError, MethodConfig
 from methods.observers import OBSERVERS, Observer, make_observer, observer_options
@@ -232,6 +235,8 @@ class RunConfig:
     comparison_modules: dict[str, list[ModuleRule]] = field(default_factory=dict)
     act: ActConfig = field(default_factory=ActConfig)
     observer: ObserverConfig = field(default_factory=ObserverConfig)
+    sensitivity: SensitivityConfig | None = None  # experiment=sensitivity (experiments/run/sensitivity.py)
+    allocation: allocation_.AllocationPlan | None = None  # allocation.target_bits: the widths, as `modules`
 
 
 def _typed(schema: type, section: Any, group: str) -> Any:
@@ -378,23 +383,45 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
     observer = _typed(ObserverConfig, resolved.get("observer") or {}, "observer")
     _validate_act(act, observer)
     comparisons = _comparisons(resolved, group_loader)
-    modules, comparison_modules = _module_rules(resolved, method_name, method, comparisons, model)
+    plan, items = _allocation(resolved, method, model)
+    modules, comparison_modules = _module_rules(items, method_name, method, comparisons, model)
+    sensitivity = None
+    if resolved.get("sensitivity") is not None:
+        sensitivity = _typed(SensitivityConfig, resolved["sensitivity"], "sensitivity")
+        check_sensitivity(sensitivity, method_name, method, evaluation.ppl.datasets, bool(items), bool(comparisons))
     return RunConfig(
         model=model, method_name=method_name, method=method, calib=calib, eval=evaluation, logger=logger,
         paths=paths, bits=int(resolved["bits"]), group_size=int(resolved["group_size"]),
         seed=int(resolved["seed"]), name=str(resolved["name"]), tags=list(resolved.get("tags") or []),
         tokenizer_model=tokenizer_model, comparisons=comparisons, expected=expected,
         save_model=save_model, export=export, modules=modules, comparison_modules=comparison_modules,
-        act=act, observer=observer,
+        act=act, observer=observer, sensitivity=sensitivity, allocation=plan,
     )
 
 
+def _allocation(resolved: dict, method: MethodConfig, model: ModelSpec
+                ) -> tuple[allocation_.AllocationPlan | None, list[Any]]:
+    """`allocation.*`: off (the run's own `modules`), or the plan and the rules it writes."""
+    items = resolved.get("modules") or []
+    config = _typed(allocation_.AllocationConfig, resolved.get("allocation") or {}, "allocation")
+    allocation_.check_config(config)
+    if config.target_bits is None:
+        return None, items
+    if items:
+        raise ConfigError("allocation.target_bits writes the per-module rules itself: drop modules= / rules=")
+    if resolved.get("sensitivity") is not None:
+        raise ConfigError("experiment=sensitivity measures; allocation.target_bits uses its record in another run: "
+                          "drop one of them")
+    plan = allocation_.plan(config, model, method.group_size)
+    return plan, plan.rules
+
+
 def _module_rules(
-    resolved: dict, method_name: str, method: MethodConfig, comparisons: list[tuple[str, MethodConfig]],
+    items: Any, method_name: str, method: MethodConfig, comparisons: list[tuple[str, MethodConfig]],
     model: ModelSpec,
 ) -> tuple[list[ModuleRule], dict[str, list[ModuleRule]]]:
-    """`modules`: parsed for the run's method and, without their method knobs, for each compare_with."""
-    items = resolved.get("modules") or []
+    """`modules` (or an allocation's rules): parsed for the run's method and, without their method
+    knobs, for each compare_with."""
     if not isinstance(items, list):
         raise ConfigError(f"modules={items!r} must be a list of rules, e.g. 'modules=[{{match: down_proj, bits: 8}}]'")
     if not items:

@@ -10,6 +10,8 @@
     quantlab-report runs/ --flat --format csv                 # every method entry, every field
     quantlab-report runs/ --versus gptq                       # each entry against GPTQ, paired per window
     quantlab-report runs/ --versus gptq --match model,bits    # ... at the same nominal bits (VPTQ)
+    quantlab-report runs/1_sens/ --sensitivity 3              # proxies ranked by Spearman ρ, worst units
+    quantlab-report runs/1_sens/ --sensitivity 3 --plot heatmap heat.png  # blocks x roles, colour = ΔNLL at W3
 
 Failed and unfinished runs are left out unless --include-failed; repeated configurations keep
 their latest finished run. The same functions serve notebooks: see experiments/records/reporting.
@@ -22,8 +24,9 @@ import sys
 from pathlib import Path
 
 from experiments.records.record import RESULT_FILE
+from experiments.records.reporting import sensitivity
 from experiments.records.reporting.metrics import parse_metric
-from experiments.records.reporting.plots import bitmap_plot, layers_plot, pareto_plot
+from experiments.records.reporting.plots import bitmap_plot, layers_plot, pareto_plot, sensitivity_heatmap
 from experiments.records.reporting.records import FP16, ReportError, load_layers, load_runs, warn
 from experiments.records.reporting.selection import select
 from experiments.records.reporting.tables import DEFAULT_COLUMNS, DEFAULT_ROWS, pivot, render_flat
@@ -53,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--include-failed", action="store_true", help="show failed and unfinished runs too")
     parser.add_argument("--digits", type=int, default=2, help="decimals of the metric (default: 2)")
     parser.add_argument("--flat", action="store_true", help="print every selected method entry, one row each")
-    parser.add_argument("--plot", nargs=2, metavar=("pareto|layers|bitmap", "OUT.png"),
+    parser.add_argument("--sensitivity", type=int, metavar="BITS", help="read the sensitivity.json records under "
+                        "the paths: proxies ranked by Spearman ρ with the measured damage and the most sensitive "
+                        "units at BITS (with --plot heatmap: the blocks x roles map of ΔNLL at BITS)")
+    parser.add_argument("--damage", choices=sorted(sensitivity.DAMAGES), default="nll_delta",
+                        help="--sensitivity --plot heatmap: the colour (default: nll_delta)")
+    parser.add_argument("--plot", nargs=2, metavar=("pareto|layers|bitmap|heatmap", "OUT.png"),
                         help="write a plot instead of printing a table")
     parser.add_argument("--layer", help="--plot bitmap: only the linears whose name contains this")
     parser.add_argument("--versus", metavar="METHOD", help="pair every entry with METHOD's entry under the same "
@@ -63,7 +71,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sensitivity_report(args: argparse.Namespace) -> int:
+    """--sensitivity BITS: the tables, or the heatmap with --plot heatmap."""
+    records = sensitivity.load_sensitivity(args.paths)
+    if args.plot:
+        kind, out = args.plot
+        if kind != "heatmap":
+            raise ReportError(f"--sensitivity draws --plot heatmap, not {kind!r}")
+        if len(records) > 1:
+            raise ReportError(f"the heatmap shows one record: {len(records)} found; give one run directory")
+        _, record = records[0]
+        sensitivity_heatmap(sensitivity.damage_matrix(record, args.sensitivity, args.damage), out,
+                            sensitivity.title(record, args.sensitivity), label=sensitivity.DAMAGES[args.damage])
+        print(f"wrote heatmap: {out}")
+        return 0
+    for path, record in records:
+        print(f"{sensitivity.title(record, args.sensitivity)}\n{path}\n")
+        for frame in (sensitivity.proxy_ranking(record, args.sensitivity),
+                      sensitivity.most_sensitive(record, args.sensitivity)):
+            text = render_flat(frame.round(args.digits + 2), args.format)
+            print(text, end="" if text.endswith("\n") else "\n")
+            print()
+    return 0
+
+
 def report(args: argparse.Namespace) -> int:
+    if args.sensitivity is not None:
+        return sensitivity_report(args)
     runs = load_runs(args.paths)
     if runs.empty:
         raise ReportError(f"no readable {RESULT_FILE} under {', '.join(map(str, args.paths))}")

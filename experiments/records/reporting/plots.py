@@ -189,3 +189,26 @@ def bitmap_plot(layers: pd.DataFrame, out: Path | str | None = None, layer: str 
     if out is not None:
         figure.savefig(out, dpi=150)
     return figure
+
+
+def sensitivity_heatmap(matrix: pd.DataFrame, out: Path | str | None = None, title: str = "",
+                        label: str = "ΔNLL (mean paired NLL increase over full precision)") -> Figure:
+    """Blocks (rows) × linear roles (columns) of a sensitivity record (reporting/sensitivity.py
+    `damage_matrix`), colour = the measured damage of quantizing that unit alone; a diverging map
+    centred on 0, since a unit's measured ΔNLL can be negative within its noise."""
+    if matrix.empty:
+        raise ReportError("nothing to plot: the sensitivity record has no units")
+    values = matrix.to_numpy(dtype=float)
+    span = float(np.nanmax(np.abs(values))) or 1.0
+    figure = _new_figure(3 + 1.0 * matrix.shape[1], 2 + 0.25 * matrix.shape[0])
+    ax = figure.add_subplot()
+    image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=colormaps["RdBu_r"], vmin=-span, vmax=span)
+    figure.colorbar(image, ax=ax).set_label(label)
+    ax.set_xticks(range(matrix.shape[1]), [str(c).split(".")[-1] for c in matrix.columns], rotation=45, ha="right")
+    ax.set_yticks(range(matrix.shape[0]), [str(i) for i in matrix.index], fontsize=7 if matrix.shape[0] > 20 else 9)
+    ax.set_xlabel("linear role")
+    ax.set_ylabel("transformer block index")
+    ax.set_title(title, fontsize=10)
+    if out is not None:
+        figure.savefig(out, dpi=150)
+    return figure

@@ -159,6 +159,10 @@ def entry_row(record_path: Path, record: dict[str, Any], index: int, entry: dict
         "expected_source": None, "quantize_s": timings.get("quantize_s"), "eval_s": timings.get("eval_s"),
         "started_at": record.get("started_at"), "finished_at": record.get("finished_at"),
     }
+    if index == 0 and record.get("allocation"):  # widths chosen to a budget: not a uniform run at `bits`
+        plan = record["allocation"]
+        allocated = f"allocation={plan['target_bits']}:{plan['damage']}:{plan.get('solver', 'greedy')}"
+        row["method_options"] = ",".join(filter(None, [row["method_options"], allocated]))
     for dataset, ppl in ((entry.get("metrics") or {}).get("ppl") or {}).items():
         row[f"ppl_{dataset}"] = ppl.get("value")
         row[f"ppl_{dataset}_ci_low"] = ppl.get("ci_low")

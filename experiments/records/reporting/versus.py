@@ -6,6 +6,10 @@ the two are compared window by window: the paired PPL ratio (exp of the mean NLL
 its 95% t interval, far tighter than two independent intervals since window difficulty cancels.
 A reference run inside the same run (`compare_with`) is preferred; otherwise the latest finished.
 
+An entry whose widths an allocation chose (`allocation=` in its method options) is never a
+reference: `--versus gptq` pairs an allocated GPTQ run with the uniform GPTQ run at the same bits
+(README, "Sensitivity and allocation").
+
 `--versus gptq --match bits` matches on fewer keys (e.g. VPTQ, whose group size means nothing,
 against GPTQ at the same nominal bits); the table always shows both sides' exact bits per weight.
 """
@@ -53,12 +57,13 @@ def versus_table(runs: pd.DataFrame, reference: str, dataset: str, match: list[s
     protocol = [f"ppl_{dataset}_seqlen", f"ppl_{dataset}_n_windows"]
     if f"ppl_{dataset}" not in runs.columns:
         raise ReportError(f"no entry has a perplexity on {dataset!r} (--metric ppl:<dataset>)")
-    references = runs[runs["method"].eq(reference) & runs[f"ppl_{dataset}"].notna()]
+    allocated = runs["method_options"].fillna("").str.contains("allocation=", regex=False)
+    references = runs[runs["method"].eq(reference) & ~allocated & runs[f"ppl_{dataset}"].notna()]
     if references.empty:
         raise ReportError(f"--versus {reference}: no selected entry of method {reference!r} with {dataset} perplexity")
     cache: dict[str, dict] = {}
     rows, unmatched = [], 0
-    for _, row in runs[runs["method"].ne(reference) & runs[f"ppl_{dataset}"].notna()].iterrows():
+    for _, row in runs[(runs["method"].ne(reference) | allocated) & runs[f"ppl_{dataset}"].notna()].iterrows():
         candidates = references[_same(references, row, keys + protocol)]
         if candidates.empty:
             unmatched += 1

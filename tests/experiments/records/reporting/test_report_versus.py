@@ -74,3 +74,18 @@ def test_cli_prints_the_table(runs_dir, capsys):
     out = capsys.readouterr().out
     assert "PPL ratio (paired, 95%)" in out and "slim_llm" in out and "vptq" in out
     assert main([str(runs_dir), "--versus", "gptq", "--metric", "quantize_s"]) == 1
+
+
+def test_an_allocated_run_is_paired_with_the_uniform_run_of_its_own_method(tmp_path):
+    uniform = make_record("gptq", bits=3, group_size=128, ppl={"wikitext2": 40.0})
+    _set_windows(uniform, GPTQ)
+    _write(tmp_path, "uniform", uniform)
+    allocated = make_record("gptq", bits=3, group_size=128, ppl={"wikitext2": 30.0})
+    allocated["allocation"] = {"target_bits": 3.15, "damage": "nll_delta", "solver": "greedy"}
+    allocated["config_hash"] = "allocated"  # its config differs (allocation.*): not a duplicate
+    _set_windows(allocated, OURS)
+    _write(tmp_path, "allocated", allocated)
+    [row] = versus_table(load_runs([tmp_path]), "gptq", "wikitext2").to_dict("records")
+    assert row["method_options"] == "allocation=3.15:nll_delta:greedy" and row["reference_options"] == ""
+    diffs = [a - b for a, b in zip(OURS, GPTQ)]
+    assert row["ppl_ratio"] == pytest.approx(math.exp(sum(diffs) / len(diffs)))
