@@ -228,6 +228,7 @@ def _quantize_and_evaluate(
         **({"quantized_model": quantized_model} if quantized_model else {}),
         **({"export": exported} if exported else {}),
         "layers": [r.as_dict() for r in report.layers],
+        **({"fine_tune": report.fine_tune} if report.fine_tune else {}),  # QAT: loss curve, steps, seconds
         **({"module_rules": module_rules.summary(store.rules, report.layers, report.skipped)} if store.rules else {}),
         "avg_bits": report.avg_bits if report.layers else 16.0,  # weights only; act_bits beside it
         "act_bits": run.act.bits,
