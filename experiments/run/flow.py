@@ -21,7 +21,7 @@ from experiments.evaluation import zeroshot_and_kl
 from experiments.evaluation.perplexity import perplexity, place_for_eval, release_from_eval
 from experiments.evaluation.statistics import paired_delta
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
-from experiments.models.quantized import apply_formats, read_quant_config
+from experiments.models.quantized import apply_formats, read_quant_config, restore_other_tensors
 from experiments.records.record import RunRecord
 from experiments.records.tracking import make_tracker
 from experiments.run import activations, allocation_files, module_rules
@@ -177,6 +177,8 @@ def _quantize_and_evaluate(
             store.save(report, timings)
     else:
         apply_formats(model, report.formats, "fake")
+        # what the method changed outside the linears (AWQ's folded scales, QAT's trained norms)
+        restore_other_tensors(model, store.directory, report.formats)
         timings = {"load_quantized_s": time.perf_counter() - start}
     quantized_model = store.describe()
     exported = None
