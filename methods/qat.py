@@ -26,7 +26,9 @@ Two stages, two hooks:
 
 Memory: one latent weight per quantized linear (the model's own), the optimizer's state on the
 trainable parameters (adam/adamw: two more per parameter; sgd: none) and the activations of one
-batch's backward; no other copy of the model. With lr = 0 the result is the init's, bit for bit.
+batch's backward; no other copy of the model: each linear's W_hat is rebuilt in the backward
+(`_RecomputedLinear`) instead of kept from the forward. The latents are in the model's dtype (fp32
+on the CPU). With lr = 0 the result is the init's, bit for bit.
 """
 
 from __future__ import annotations
@@ -131,14 +133,18 @@ class FakeQuantLinear:
         self.gradient_scale = lsq_gradient_scale(fmt) if learn_scales else None
         self.maxq, self.float_zero = 2**fmt.bits - 1, fmt.zero_format == "float"
 
-    def weight_hat(self) -> torch.Tensor:
-        scale = self.scale if self.gradient_scale is None else _ScaleGradient.apply(self.scale, self.gradient_scale)
-        return fake_quantize_ste(self.linear.weight, scale[:, self.index], self.zero[:, self.index], self.maxq,
-                                 self.float_zero)
+    def weight_hat(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """W_hat from the latent `weight` and `scale`, differentiable (STE; LSQ's g on the scale)."""
+        if self.gradient_scale is not None:
+            scale = _ScaleGradient.apply(scale, self.gradient_scale)
+        return fake_quantize_ste(weight, scale[:, self.index], self.zero[:, self.index], self.maxq, self.float_zero)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _RecomputedLinear.apply(x, self.linear.weight, self.scale, self)
+        return y if self.linear.bias is None else y + self.linear.bias
 
     def attach(self) -> None:
-        linear = self.linear
-        linear.forward = lambda x: nn.functional.linear(x, self.weight_hat().to(x.dtype), linear.bias)
+        self.linear.forward = self.forward
 
     def detach(self) -> None:
         del self.linear.forward  # the class's forward again
@@ -155,6 +161,38 @@ class FakeQuantLinear:
                       info=dict(self.fmt.info))
         self.linear.weight.data.copy_(fmt.dequantize(torch.float32).to(self.linear.weight))
         return fmt
+
+
+class _RecomputedLinear(torch.autograd.Function):
+    """y = x W_hat^T that keeps only x (and references to W and s) for the backward: W_hat and its
+    gradient graph are rebuilt there, one linear at a time, so no weight-sized tensor per linear
+    waits in memory between the forward and the backward (autograd through `weight_hat` and
+    F.linear would keep about four: the indexed scales and zeros, the codes, W_hat)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, q: FakeQuantLinear) -> torch.Tensor:
+        ctx.q = q
+        ctx.save_for_backward(x, weight, scale)
+        with torch.no_grad():
+            return nn.functional.linear(x, q.weight_hat(weight, scale).to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, scale = ctx.saved_tensors
+        need_x, need_w, need_s = ctx.needs_input_grad[:3]
+        with torch.enable_grad():
+            w = weight.detach().requires_grad_(need_w)
+            s = scale.detach().requires_grad_(need_s)
+            w_hat = ctx.q.weight_hat(w, s)
+        grad_x = grad_y @ w_hat.detach().to(grad_y.dtype) if need_x else None
+        grad_w = grad_s = None
+        leaves = [t for t, need in ((w, need_w), (s, need_s)) if need]
+        if leaves:
+            grad_w_hat = grad_y.reshape(-1, grad_y.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+            grads = list(torch.autograd.grad(w_hat, leaves, grad_w_hat.to(w_hat.dtype)))
+            grad_w = grads.pop(0) if need_w else None
+            grad_s = grads.pop(0) if need_s else None
+        return grad_x, grad_w, grad_s, None
 
 
 def learning_rate(step: int, steps: int, base: float, schedule: str) -> float:

@@ -56,7 +56,7 @@ def test_lsq_scale_gradient_matches_the_hand_derived_formula():
         linear.weight.mul_(1.6)  # push some weights past the fitted range: clamped codes
     q = FakeQuantLinear(linear, fmt, learn_scales=True)
     upstream = torch.randn(6, 40)
-    (q.weight_hat() * upstream).sum().backward()
+    (q.weight_hat(linear.weight, q.scale) * upstream).sum().backward()
     w, s, z, index = linear.weight.detach(), fmt.scales, fmt.zeros, fmt.g_idx.long()
     v = w / s[:, index]
     codes = torch.round(v) + z[:, index]
@@ -68,6 +68,37 @@ def test_lsq_scale_gradient_matches_the_hand_derived_formula():
     g = lsq_gradient_scale(fmt)
     assert g == 1 / math.sqrt(16 * 7)  # N = 16 weights per scale, Q_P = 7 levels above 0 (asymmetric)
     assert torch.allclose(q.scale.grad, expected * g, rtol=1e-5, atol=1e-7)
+
+
+def lsq_linear(bias: bool = False) -> tuple[nn.Linear, FakeQuantLinear]:
+    torch.manual_seed(1)
+    linear = nn.Linear(40, 6, bias=bias)
+    fmt = round_to_nearest(linear.weight, Grid(3, sym=False, zero_in_range=False), 16)
+    with torch.no_grad():
+        linear.weight.mul_(1.6)
+    return linear, FakeQuantLinear(linear, fmt, learn_scales=True)
+
+
+def test_the_recomputing_linear_has_autograd_gradients_and_keeps_no_weight_sized_tensor():
+    """The training forward (weight_hat rebuilt in the backward) against plain autograd through
+    weight_hat and F.linear: the same output and gradients for x, W, s and the bias; and what it
+    saves for the backward is the input and references to the latent W and s, nothing weight-sized."""
+    grads = []
+    for lean in (True, False):
+        linear, q = lsq_linear(bias=True)
+        x = torch.randn(3, 5, 40, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, _s=saved: _s.append(t) or t, lambda t: t):
+            y = q.forward(x) if lean else nn.functional.linear(x, q.weight_hat(linear.weight, q.scale), linear.bias)
+        (y * torch.linspace(-1, 1, 6)).sum().backward()
+        grads.append((y.detach(), x.grad, linear.weight.grad, q.scale.grad, linear.bias.grad))
+        weight_sized = [t for t in saved if t.numel() >= linear.weight.numel() and t.shape != x.shape]
+        if lean:
+            assert all(t.data_ptr() == linear.weight.data_ptr() for t in weight_sized)  # the latent itself
+        else:
+            assert len(weight_sized) >= 3  # what the lean path avoids
+    for lean, plain in zip(*grads):
+        assert torch.allclose(lean, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_lsq_gradient_scale_of_a_symmetric_grid_counts_the_positive_levels():
