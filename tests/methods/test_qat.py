@@ -132,9 +132,14 @@ def test_lr_zero_reproduces_rtn_bit_for_bit(learn_scales):
     assert qat.fine_tune["calib_loss_final"] == qat.fine_tune["calib_loss_init"]
 
 
-@pytest.mark.parametrize("options", [{}, {"learn_scales": True}, {"train": "all_linears_and_norms", "optimizer": "sgd",
-                                                                      "lr": 0.5, "schedule": "constant"}])
-def test_a_few_steps_lower_the_calibration_loss_and_end_on_the_grid(tiny_llama, options):
+@pytest.mark.parametrize(("fixture", "options"), [
+    ("tiny_llama", {}),
+    ("tiny_llama", {"learn_scales": True}),
+    ("tiny_llama", {"train": "all_linears_and_norms", "optimizer": "sgd", "lr": 0.5, "schedule": "constant"}),
+    ("tiny_opt", {"train": "all_linears_and_norms"}),  # LayerNorms and biases
+])
+def test_a_few_steps_lower_the_calibration_loss_and_end_on_the_grid(fixture, options, request):
+    tiny_llama = request.getfixturevalue(fixture)
     calib = structured_calibration()
     embeddings = tiny_llama.model.get_input_embeddings().weight.detach().clone()
     flags = [p.requires_grad for p in tiny_llama.model.parameters()]
@@ -152,6 +157,7 @@ def test_a_few_steps_lower_the_calibration_loss_and_end_on_the_grid(tiny_llama, 
         rebuilt = fmt.scales[:, index] * (codes - fmt.zeros[:, index])
         assert torch.equal(tiny_llama.model.get_submodule(layer.name).weight, rebuilt)
         assert layer.storage_bits == fmt.storage_bits() and layer.info["qat"]["init"] == "rtn"
+        assert layer.bits_per_weight == fmt.bits_per_weight()
         changed += layer.info["qat"]["codes_changed"]
     assert changed > 0
     assert torch.equal(tiny_llama.model.get_input_embeddings().weight, embeddings)  # frozen
@@ -193,6 +199,17 @@ def test_bad_configs_are_refused_with_the_knob_named(knob, value, message):
 def test_bits_the_init_cannot_do_are_refused():
     with pytest.raises(ConfigError, match="cannot quantize to bits=5"):
         validate_method({"name": "qat", "bits": 5, "group_size": 32})
+
+
+def test_static_activation_ranges_are_refused_before_loading():
+    from experiments.run.checks import check_run
+    from experiments.run.cli import load_group_option
+    from experiments.run.schema import validate
+    from tests.conftest import compose_config
+
+    run = validate(compose_config("model=tiny-llama", "method=qat", "bits=3", "act=int8_static"), load_group_option)
+    with pytest.raises(ConfigError, match="before method=qat trains the weights"):
+        check_run(run)
 
 
 def test_module_rules_cannot_set_training_knobs():
