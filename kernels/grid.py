@@ -128,3 +128,25 @@ def fake_quantize(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, float_zero: bool = False
 ) -> torch.Tensor:
     return dequantize(quantize(w, scale, zero, maxq, float_zero), scale, zero)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, the identity backward: the straight-through estimator (Bengio et al. 2013)
+    that quantization-aware training (methods/qat.py) differentiates the grid through. The value is
+    torch.round's bit for bit: the gradient path is added as `x - x.detach()`, which is exactly 0."""
+    return torch.round(x).detach() + (x - x.detach())
+
+
+def fake_quantize_ste(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, float_zero: bool = False
+) -> torch.Tensor:
+    """`fake_quantize` with the straight-through estimator for rounding, differentiable in `w` and
+    `scale` (zero-points stay fixed). The same values as `fake_quantize`; the gradients:
+    d/dw = 1 where the code is not clamped and 0 where it is (outside the grid's range);
+    d/dscale = round(w/s) - w/s inside and (code - zero) at a clamped end, LSQ's rule (Esser et al.,
+    ICLR'20) for a grid with a zero-point."""
+    if float_zero:
+        codes = torch.clamp(round_ste(w / scale + zero), 0, maxq)
+    else:
+        codes = torch.clamp(round_ste(w / scale) + zero, 0, maxq)
+    return scale * (codes - zero)

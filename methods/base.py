@@ -27,6 +27,12 @@ driver what the method needs:
   experiments/ instead of calling `quantize_block`, which such a method never implements.
 - `sequences_per_forward`: None (the driver's calibration batch) or a number of sequences per block
   forward, where the summation order matters (GPTQ's `reference_numerics`: 1, as the reference).
+- `fine_tunes`: True for a method that also trains the whole model once every block is committed
+  (QAT, methods/qat.py): the driver then calls its `fine_tune(linears, formats, others, loss_fn,
+  sequences)` with the model's quantized linears, their formats and a next-token loss on the
+  calibration sequences (experiments/run/finetune.py), and keeps the formats it returns;
+- `run_wide_knobs`: config knobs that hold for the whole run (QAT's training settings): per-module
+  rules may not set them;
 - `folds_scales`: True for methods that rescale a scaling group's linears and the op before them
   together (AWQ, SmoothQuant): per-module rules may not split such a group.
 
@@ -81,6 +87,8 @@ class Method(ABC):
     runtime: ClassVar[str | None] = None
     sequences_per_forward: int | None = None
     folds_scales: ClassVar[bool] = False
+    fine_tunes: ClassVar[bool] = False
+    run_wide_knobs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

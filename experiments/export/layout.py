@@ -89,6 +89,8 @@ def predicted_layout(method_name: str, config: Any) -> Layout | None:
                       "explicit" if dynamic else "contiguous")
     if method_name == "awq":
         return Layout("uniform", bits, group_size, "int")
+    if method_name == "qat":  # its init's grid, trained in place: the init's layout
+        return predicted_layout(config.init, config.init_config())
     if method_name == "smoothquant":  # symmetric absmax per channel (its smoothed norms travel with the model)
         return Layout("uniform", bits, group_size, "none")
     return None

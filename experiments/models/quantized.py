@@ -202,6 +202,28 @@ def apply_formats(
     return {name: model.get_submodule(name).kernel for name in formats}
 
 
+@torch.no_grad()
+def restore_other_tensors(model: nn.Module, directory: Path, formats: dict[str, WeightFormat]) -> list[str]:
+    """Copy what the folder stores besides the quantized linears' packed tensors (norms,
+    embeddings, an untied head, the linears' biases) into `model`, so that what a method changed
+    outside the linears comes back with the formats: AWQ's and SmoothQuant's scales folded into
+    the norms, QAT's trained norms and biases. Returns the names of the tensors that changed."""
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    changed = []
+    with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118
+            name, _, leaf = key.rpartition(".")
+            if (name in formats and leaf != "bias") or key not in state:
+                continue  # a packed tensor of a quantized linear (its weight comes from the format)
+            stored = handle.get_tensor(key).to(state[key].device, state[key].dtype)
+            if not torch.equal(stored, state[key]):
+                state[key].copy_(stored)
+                changed.append(key)
+    return changed
+
+
 def load_quantized_model(
     directory: Path, device: str | torch.device = "cpu", backend: str = "packed", kernel: str = "auto",
     dtype: torch.dtype | None = None,

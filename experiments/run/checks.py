@@ -285,6 +285,12 @@ def _activations(run: Any) -> None:
             f"method={runtimes[0]} quantizes its activations inside its own runtime (its method.mode), so act="
             f"{run.act.bits}-bit fake-quant cannot apply to it: use act=none"
         )
+    trained = [method.name for method in _methods(run) if method.fine_tunes]
+    if run.act.static and trained:
+        raise ConfigError(
+            f"act.mode=static calibrates its ranges during the block pass, before method={trained[0]} trains the "
+            "weights, so they would describe the untrained model: use act.mode=dynamic (act=int8_per_token)"
+        )
     if run.act.static and run.model.source == "quantized":
         raise ConfigError(
             "act.mode=static calibrates its ranges while the run quantizes; a saved model (model.source=quantized) "

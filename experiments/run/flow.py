@@ -21,7 +21,7 @@ from experiments.evaluation import zeroshot_and_kl
 from experiments.evaluation.perplexity import perplexity, place_for_eval, release_from_eval
 from experiments.evaluation.statistics import paired_delta
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
-from experiments.models.quantized import apply_formats, read_quant_config
+from experiments.models.quantized import apply_formats, read_quant_config, restore_other_tensors
 from experiments.records.record import RunRecord
 from experiments.records.sensitivity_record import SENSITIVITY_FILE
 from experiments.records.tracking import make_tracker
@@ -184,6 +184,8 @@ def _quantize_and_evaluate(
             store.save(report, timings)
     else:
         apply_formats(model, report.formats, "fake")
+        # what the method changed outside the linears (AWQ's folded scales, QAT's trained norms)
+        restore_other_tensors(model, store.directory, report.formats)
         timings = {"load_quantized_s": time.perf_counter() - start}
     quantized_model = store.describe()
     exported = None
@@ -235,6 +237,7 @@ def _quantize_and_evaluate(
         **({"quantized_model": quantized_model} if quantized_model else {}),
         **({"export": exported} if exported else {}),
         "layers": [r.as_dict() for r in report.layers],
+        **({"fine_tune": report.fine_tune} if report.fine_tune else {}),  # QAT: loss curve, steps, seconds
         **({"module_rules": module_rules.summary(store.rules, report.layers, report.skipped)} if store.rules else {}),
         "avg_bits": report.avg_bits if report.layers else 16.0,  # weights only; act_bits beside it
         "act_bits": run.act.bits,

@@ -86,6 +86,10 @@ def parse_rules(items: list[Any] | None, method_name: str, base: MethodConfig) -
         bad = sorted(set(knobs) - valid)
         if bad:
             raise ConfigError(f"{where}: {method_name} has no knob {bad}; valid: {', '.join(sorted(valid))}")
+        held = sorted(set(knobs) & set(get_method_class(method_name).run_wide_knobs))
+        if held:
+            raise ConfigError(f"{where} sets {held} of {method_name}, which hold for the whole run: set them on "
+                              "method. instead")
         try:
             config = dataclasses.replace(base, **overrides, **knobs)
         except TypeError as exc:  # a frozen or init=False field

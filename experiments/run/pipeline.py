@@ -103,6 +103,8 @@ class QuantizationReport:
     skipped: dict[str, tuple[int, int]] = field(default_factory=dict)  # linears a module rule left alone: shape
     # static activation ranges by full linear name (experiments/run/activations.py), when calibrated
     act_ranges: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # a whole-model stage's record (experiments/run/finetune.py: QAT's loss curve, steps, seconds)
+    fine_tune: dict[str, Any] | None = None
 
     @property
     def avg_bits(self) -> float | None:
@@ -401,13 +403,16 @@ def quantize_model(
     the same method; linears no rule matches get `method`, skipped ones stay as they are.
     `activations`: calibrate static activation ranges of the quantized linears' inputs on the
     way (experiments/run/activations.py says which inputs the observers see); they land in
-    `act_ranges`. Then even a data-free method's run propagates the calibration inputs."""
+    `act_ranges`. Then even a data-free method's run propagates the calibration inputs.
+    A method that `fine_tunes` (QAT) then trains the whole committed model (experiments/run/finetune.py)."""
     from tqdm.auto import tqdm
 
     seconds: dict[str, float] = {}
     blocks = arch.block_list(model)
     needs_inputs = method.needs_calibration or activations is not None
     inputs: BlockInputs | None = block_inputs if needs_inputs else None
+    if method.fine_tunes and calib_ids is None:
+        raise ValueError(f"method {method.name!r} trains on the calibration sequences: pass calib_ids")
     if needs_inputs and inputs is None:
         if calib_ids is None:
             raise ValueError(f"method {method.name!r} needs calibration data (or static activation ranges do)")
@@ -470,4 +475,10 @@ def quantize_model(
             "their layer records say group_size_effective=-1", clamped[0][0],
             sum(r.group_size_effective != r.group_size for r in records), sorted({w for _, w in clamped}),
         )
-    return QuantizationReport(records, seconds, formats, skipped, act_ranges)
+    report = QuantizationReport(records, seconds, formats, skipped, act_ranges)
+    if method.fine_tunes:  # the whole-model stage (QAT) on the committed model
+        from experiments.run.finetune import fine_tune_model
+
+        inputs = None  # the last block's outputs: not needed any more
+        fine_tune_model(model, arch, method, report, calib_ids, device)
+    return report

@@ -126,7 +126,7 @@ class QuantizedStore:
             self.calibration.record.data["calib"] = {**config["calib"], **calibration_source(self.run.calib.spec())}
         self._copy_to_run()
         skipped = {name: tuple(shape) for name, shape in (config.get("skipped") or {}).items()}
-        return QuantizationReport(layers, {}, formats, skipped)
+        return QuantizationReport(layers, {}, formats, skipped, fine_tune=config.get("fine_tune"))
 
     # -- save ---------------------------------------------------------------------------------------
 
@@ -167,6 +167,7 @@ class QuantizedStore:
             "modules": [rule.describe() for rule in self.rules],
             "skipped": {name: list(shape) for name, shape in report.skipped.items()},
             "records": [r.as_dict() for r in report.layers],
+            "fine_tune": report.fine_tune,
             "timings": timings,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }

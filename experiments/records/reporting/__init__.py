@@ -14,12 +14,12 @@
 """
 
 from experiments.records.reporting.metrics import Metric, parse_metric
-from experiments.records.reporting.plots import bitmap_plot, layers_plot, pareto_plot
-from experiments.records.reporting.records import ReportError, load_layers, load_runs
+from experiments.records.reporting.plots import bitmap_plot, layers_plot, loss_plot, pareto_plot
+from experiments.records.reporting.records import ReportError, load_curves, load_layers, load_runs
 from experiments.records.reporting.selection import select
 from experiments.records.reporting.tables import PivotTable, pivot
 
 __all__ = [
-    "Metric", "PivotTable", "ReportError", "bitmap_plot", "layers_plot", "load_layers", "load_runs", "parse_metric", "pareto_plot",
+    "Metric", "PivotTable", "ReportError", "bitmap_plot", "layers_plot", "load_curves", "load_layers", "loss_plot", "load_runs", "parse_metric", "pareto_plot",
     "pivot", "select",
 ]

@@ -7,6 +7,7 @@
     quantlab-report runs/ --plot pareto pareto.png            # bits per weight against perplexity
     quantlab-report runs/1_gptq-w3/ --plot layers layers.png  # one run's per-layer weight error
     quantlab-report runs/1_slim/ --plot bitmap bits.png --layer layers.3.mlp  # per-group widths (SliM-LLM)
+    quantlab-report runs/1_qat-w3/ --plot loss loss.png      # QAT's training loss curve
     quantlab-report runs/ --flat --format csv                 # every method entry, every field
     quantlab-report runs/ --versus gptq                       # each entry against GPTQ, paired per window
     quantlab-report runs/ --versus gptq --match model,bits    # ... at the same nominal bits (VPTQ)
@@ -26,8 +27,14 @@ from pathlib import Path
 from experiments.records.record import RESULT_FILE
 from experiments.records.reporting import sensitivity
 from experiments.records.reporting.metrics import parse_metric
-from experiments.records.reporting.plots import bitmap_plot, layers_plot, pareto_plot, sensitivity_heatmap
-from experiments.records.reporting.records import FP16, ReportError, load_layers, load_runs, warn
+from experiments.records.reporting.plots import (
+    bitmap_plot,
+    layers_plot,
+    loss_plot,
+    pareto_plot,
+    sensitivity_heatmap,
+)
+from experiments.records.reporting.records import FP16, ReportError, load_curves, load_layers, load_runs, warn
 from experiments.records.reporting.selection import select
 from experiments.records.reporting.tables import DEFAULT_COLUMNS, DEFAULT_ROWS, pivot, render_flat
 from experiments.records.reporting.versus import MATCH_KEYS, format_versus, versus_table
@@ -61,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "units at BITS (with --plot heatmap: the blocks x roles map of ΔNLL at BITS)")
     parser.add_argument("--damage", choices=sorted(sensitivity.DAMAGES), default="nll_delta",
                         help="--sensitivity --plot heatmap: the colour (default: nll_delta)")
-    parser.add_argument("--plot", nargs=2, metavar=("pareto|layers|bitmap|heatmap", "OUT.png"),
+    parser.add_argument("--plot", nargs=2, metavar=("pareto|layers|bitmap|heatmap|loss", "OUT.png"),
                         help="write a plot instead of printing a table")
     parser.add_argument("--layer", help="--plot bitmap: only the linears whose name contains this")
     parser.add_argument("--versus", metavar="METHOD", help="pair every entry with METHOD's entry under the same "
@@ -126,8 +133,10 @@ def report(args: argparse.Namespace) -> int:
             layers_plot(load_layers(selected[selected["method"].ne(FP16)]), out)
         elif kind == "bitmap":
             bitmap_plot(load_layers(selected[selected["method"].ne(FP16)]), out, args.layer)
+        elif kind == "loss":
+            loss_plot(load_curves(selected[selected["method"].ne(FP16)]), out)
         else:
-            raise ReportError(f"--plot {kind!r}: expected pareto, layers or bitmap")
+            raise ReportError(f"--plot {kind!r}: expected pareto, layers, bitmap or loss")
         print(f"wrote {kind} plot: {out}")
         return 0
     table = pivot(selected, parse_metric(args.metric, selected), args.rows, args.columns, args.digits)

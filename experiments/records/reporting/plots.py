@@ -1,5 +1,6 @@
-"""Figures: the bits-per-weight / perplexity Pareto plot of a sweep, one run's per-layer error, and
-one run's bit map (each group's width in each linear, for per-group mixed precision: SliM-LLM).
+"""Figures: the bits-per-weight / perplexity Pareto plot of a sweep, one run's per-layer error,
+one run's bit map (each group's width in each linear, for per-group mixed precision: SliM-LLM),
+and the training loss curves of fine-tuning methods (QAT).
 
 All draw on a bare `Figure` with the Agg canvas (no pyplot, so no display and no global state:
 safe on a headless node and inside a notebook alike) and return it, so that callers and tests can
@@ -209,6 +210,31 @@ def sensitivity_heatmap(matrix: pd.DataFrame, out: Path | str | None = None, tit
     ax.set_xlabel("linear role")
     ax.set_ylabel("transformer block index")
     ax.set_title(title, fontsize=10)
+    if out is not None:
+        figure.savefig(out, dpi=150)
+    return figure
+
+
+def loss_plot(curves: pd.DataFrame, out: Path | str | None = None) -> Figure:
+    """Training loss (left axis) and learning rate (right axis, dotted) against the step, one line
+    per method entry that fine-tuned (QAT records `fine_tune.curve`)."""
+    if curves.empty:
+        raise ReportError("nothing to plot: no selected entry records a training loss curve (method=qat)")
+    figure = _new_figure(7.5, 4.5)
+    ax = figure.add_subplot()
+    rate_axis = ax.twinx()
+    for i, ((_, _), entry) in enumerate(curves.groupby(["run_dir", "entry_index"], sort=False)):
+        first = entry.iloc[0]
+        label = f"{first['name'] or first['method']}: {first['method']} {_point_label(first)}"
+        ax.plot(entry["step"], entry["loss"], color=f"C{i % 10}", label=label)
+        rate_axis.plot(entry["step"], entry["lr"], color=f"C{i % 10}", linestyle=":", alpha=0.6)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("next-token loss on the step's calibration batch")
+    rate_axis.set_ylabel("learning rate (dotted)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{curves['model'].iloc[0]}: quantization-aware training", fontsize=10)
     if out is not None:
         figure.savefig(out, dpi=150)
     return figure

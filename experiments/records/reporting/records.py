@@ -83,7 +83,7 @@ def read_record(path: Path) -> dict[str, Any] | None:
 
 def method_entries(record: dict[str, Any]) -> list[dict[str, Any]]:
     """The main method's fields as an entry shaped like a comparison, followed by the comparisons."""
-    keys = ("method", "bits", "group_size", "avg_bits", "model_bytes", "metrics", "timings", "layers")
+    keys = ("method", "bits", "group_size", "avg_bits", "model_bytes", "metrics", "timings", "layers", "fine_tune")
     main = {k: record.get(k) for k in keys}
     main["config"] = (record.get("config") or {}).get("method") or {}
     return [main, *(record.get("comparisons") or [])]
@@ -280,4 +280,22 @@ def load_layers(runs: pd.DataFrame) -> pd.DataFrame:
             keys = {k: run[k] for k in ("run_dir", "entry_index", "name", "model", "method", "bits", "group_size",
                                         "avg_bits")}
             rows.extend({**keys, **layer} for layer in layer_rows(all_entries[int(run["entry_index"])]))
+    return pd.DataFrame(rows)
+
+
+def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """The training loss curve (step, loss, lr) of each method entry in `runs` that fine-tuned
+    (QAT's `fine_tune` record), one row per step, read back from its record."""
+    rows = []
+    for path, entries in runs.groupby("record_path", sort=False):
+        record = read_record(Path(path))
+        if record is None:
+            continue
+        all_entries = method_entries(record)
+        for _, run in entries.iterrows():
+            fine_tune = all_entries[int(run["entry_index"])].get("fine_tune") or {}
+            keys = {k: run[k] for k in ("run_dir", "entry_index", "name", "model", "method", "bits", "group_size",
+                                        "avg_bits")}
+            columns = fine_tune.get("curve_columns", ["step", "loss", "lr"])
+            rows.extend({**keys, **dict(zip(columns, point))} for point in fine_tune.get("curve") or [])
     return pd.DataFrame(rows)

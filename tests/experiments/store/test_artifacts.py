@@ -107,3 +107,21 @@ def test_bad_saved_model_paths_fail_before_loading(tmp_path):
         validate(compose_config(*TINY, "model.source=quantized"), load_group_option)
     with pytest.raises(ConfigError, match="eval.backend"):
         validate(compose_config(*TINY, "eval.backend=int4"), load_group_option)
+
+
+@pytest.mark.parametrize("method", [
+    ["method=awq"],  # scales folded into the norms
+    ["method=qat", "method.steps=3", "method.lr=0.05", "method.optimizer=sgd", "method.train=all_linears_and_norms"],
+])
+def test_a_cache_hit_brings_back_what_the_method_changed_outside_the_linears(tmp_path, cache, data_dir, method):
+    """The artifact stores the norms too; a reload that applied only the linears' formats would
+    evaluate AWQ's scaled weights behind unscaled norms (QAT's trained norms: untrained)."""
+    overrides = [*TINY, "bits=3", *method]
+    first = run_from_config(compose_config(*overrides), tmp_path / "a", progress=False)
+    second = run_from_config(compose_config(*overrides), tmp_path / "b", progress=False)
+    assert quantized_events(cache) == ["compute", "hit"]
+    assert second["quantized_model"]["source"] == "cache"
+    assert ppl(second) == ppl(first)
+    assert ppl(first) != {k: v["value"] for k, v in first["baseline"]["ppl"].items()}
+    if "method=qat" in overrides:  # the loss curve comes back with the artifact
+        assert second["fine_tune"] == first["fine_tune"] and len(first["fine_tune"]["curve"]) == 3

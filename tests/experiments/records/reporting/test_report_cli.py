@@ -73,7 +73,7 @@ def test_report_errors_are_one_clear_line(tmp_path, capsys):
     assert report_main([str(tmp_path), "--metric", "ppl:c4"]) == 1
     assert "no 'c4' perplexity in the selected runs (datasets: wikitext2)" in capsys.readouterr().err
     assert report_main([str(tmp_path), "--plot", "histogram", "x.png"]) == 1
-    assert "expected pareto, layers or bitmap" in capsys.readouterr().err
+    assert "expected pareto, layers, bitmap or loss" in capsys.readouterr().err
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):
