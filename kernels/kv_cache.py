@@ -18,9 +18,10 @@ Codes are computed against the fp16-rounded parameters, so what is stored is wha
 Granularity (what one (scale, minimum) covers):
 - `per_token`: keys and values alike, one range per token per head over head_dim, or over each
   group of `group_size` consecutive channels of the head (group_size must divide head_dim).
-- `per_channel` (KIVI): keys get one range per channel per head over a block of `residual`
-  tokens; values stay per token (with `group_size` groups). Tokens wait in the full-precision
-  residual until a whole block of `residual` tokens is there.
+- `per_channel` (KIVI): keys get one range per channel per head over each group of `group_size`
+  consecutive tokens (-1: over the whole block of `residual` tokens); values stay per token, in
+  groups of `group_size` channels, as KIVI's (one group_size for both axes, as its code has it).
+  Tokens wait in the full-precision residual until a whole block of `residual` tokens is there.
 `residual` (R): the most recent tokens not yet quantized are held in full precision (counted in
 the bytes); whenever R or more are waiting, the oldest whole multiple of R is quantized (per_token
 with R = 0 quantizes every write at once).
@@ -48,7 +49,7 @@ class KVQuantizer:
     bits: int = OFF_BITS  # 16: off (states kept as written)
     granularity: Granularity = "per_token"
     sym: bool = False
-    group_size: int = -1  # channels of a head per range (per-token ranges); -1: the whole head_dim
+    group_size: int = -1  # channels per per-token range (-1: the whole head); per_channel keys: tokens per range
     residual: int = 0  # tokens held in full precision until a block of this many fills (per_channel: > 0)
 
     def __post_init__(self) -> None:
@@ -64,6 +65,12 @@ class KVQuantizer:
         if self.enabled and self.granularity == "per_channel" and self.residual < 2:
             raise ValueError("kv.granularity=per_channel takes each key channel's range over a block of kv.residual "
                              f"tokens, so kv.residual must be 2 or more (KIVI: 128), got {self.residual}")
+        if self.enabled and self.granularity == "per_channel" and self.group_size != -1 and (
+            self.group_size < 2 or self.residual % self.group_size
+        ):
+            raise ValueError(f"kv.granularity=per_channel ranges keys over groups of kv.group_size tokens inside each "
+                             f"block of kv.residual={self.residual}: kv.group_size={self.group_size} must be 2 or more "
+                             "and divide kv.residual (KIVI: 32 and 128), or -1 (the whole block)")
 
     @property
     def enabled(self) -> bool:
@@ -180,7 +187,8 @@ class QuantizedKV:
         if ready == 0:
             return
         per_channel = q.granularity == "per_channel"
-        step = q.residual if per_channel else ready  # per-channel ranges span exactly one block
+        # per-channel key ranges span one token group (the whole block with group_size -1)
+        step = (q.residual if q.group_size == -1 else q.group_size) if per_channel else ready
         for start in range(0, ready, step):
             keys_block = self.residual_keys[:, :, start : start + step]
             values_block = self.residual_values[:, :, start : start + step]

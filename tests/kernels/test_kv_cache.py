@@ -104,6 +104,21 @@ def test_residual_holds_the_recent_tokens_until_a_block_fills():
     assert cache.nbytes == sum(k.nbytes + v.nbytes for k, v in cache.blocks) + residual_bytes
 
 
+def test_kivi_key_groups_split_each_block_into_token_groups():
+    quantizer = KVQuantizer(2, "per_channel", group_size=4, residual=8)
+    cache = QuantizedKV(quantizer)
+    keys, values = torch.randn(1, 2, 19, 16), torch.randn(1, 2, 19, 16)
+    cache.append(keys, values)  # two blocks of 8 leave (four key groups of 4 tokens), 3 stay
+    assert [k.tokens for k, _ in cache.blocks] == [4, 4, 4, 4] and cache.residual_tokens == 3
+    out_keys, out_values = cache.states(torch.float32)
+    for i in range(4):
+        group = slice(4 * i, 4 * i + 4)
+        assert torch.equal(out_keys[:, :, group], fake_quantize_states(keys[:, :, group], quantizer, True))
+    # values per token in groups of 4 channels
+    assert torch.equal(out_values[:, :, :16], fake_quantize_states(values[:, :, :16], quantizer))
+    assert cache.blocks[0][1].scale.shape == (1, 2, 4, 4, 1)
+
+
 def test_per_token_without_residual_quantizes_every_write_and_off_keeps_it():
     keys = torch.randn(1, 2, 12, 16)
     cache = QuantizedKV(KVQuantizer(8))
@@ -125,6 +140,7 @@ def test_per_token_without_residual_quantizes_every_write_and_off_keeps_it():
         ({"bits": 4, "group_size": 0}, "kv.group_size"),
         ({"bits": 4, "granularity": "per_channel"}, "kv.residual"),
         ({"bits": 4, "residual": -1}, "kv.residual"),
+        ({"bits": 2, "granularity": "per_channel", "group_size": 48, "residual": 128}, "divide kv.residual"),
     ],
 )
 def test_bad_quantizers_are_refused(kwargs, message):
