@@ -9,6 +9,8 @@ import json
 import pytest
 
 from experiments.records.record import config_hash
+from experiments.records.reporting.records import entry_row
+from experiments.records.reporting.text import run_rows
 from tests.conftest import compose_config, run_quantlab
 from tests.experiments.store.test_shared_inputs import private_cache
 
@@ -43,6 +45,11 @@ def test_cli_kv_int4_records_kv_bits_and_the_caches_memory(tmp_path, data_dir):
         assert ppl["window_nll"] != baseline["window_nll"] and ppl["vs_baseline"] is not None
     assert record["avg_bits"] == 16.0 and rtn["avg_bits"] < 5  # avg_bits stays the weight figure
     assert record["config"]["kv"]["bits"] == 4
+    # reports: the fp16 entry gets its own row (it evaluated something), kv in the frames' columns
+    labels = [row["run"] for row in run_rows(record)]
+    assert labels[1].startswith("fp16") and labels[1].endswith(" KV4") and labels[2].endswith(" KV4")
+    row = entry_row(tmp_path / "run" / "result.json", record, 1, rtn)
+    assert row["kv_bits"] == pytest.approx(6.0) and row["kv"] == "int4 per_token asym g-1 chunk16"
 
 
 def test_kv_counts_in_the_config_hash_only_when_on():
