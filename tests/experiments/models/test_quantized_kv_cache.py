@@ -46,6 +46,9 @@ def test_chunked_prefill_with_the_cache_off_is_the_plain_forward(name):
     for chunk in (16, 10):  # 10: the last chunk is shorter
         chunked = perplexity(model, arch, WINDOWS, batch_size=2, chunk=chunk)
         assert chunked.window_nll == pytest.approx(plain.window_nll, rel=1e-5, abs=1e-6)
+    # both families call the cache's update: a quantized one moves the NLL
+    quantized = perplexity(model, arch, WINDOWS, batch_size=2, chunk=16, kv=KVQuantizer(4))
+    assert quantized.window_nll != pytest.approx(plain.window_nll, rel=1e-6, abs=1e-7)
     # the cache is what carries the context: chunks fed alone predict worse
     backbone = model.get_submodule(arch.backbone)
     with torch.no_grad():
