@@ -155,13 +155,19 @@ def fake_quantize_states(states: torch.Tensor, quantizer: KVQuantizer, per_chann
 class QuantizedKV:
     """One attention layer's cache: quantized blocks of (keys, values) in write order, then the
     full-precision residual of the most recent tokens (module docstring). With the quantizer off
-    every state stays in the residual as written."""
+    every state stays in the residual as written.
+
+    Reading back: each block is dequantized once, when it is stored, into `readback` (the blocks'
+    states as attention sees them, in the written dtype), so a chunked prefill does not unpack the
+    whole cache again for every chunk; dequantizing is deterministic, so this is exactly what
+    re-reading the codes would give. `readback` is evaluation scaffolding: `nbytes` leaves it out."""
 
     def __init__(self, quantizer: KVQuantizer) -> None:
         self.quantizer = quantizer
         self.blocks: list[tuple[QuantizedStates, QuantizedStates]] = []
         self.residual_keys: torch.Tensor | None = None
         self.residual_values: torch.Tensor | None = None
+        self.readback: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def tokens(self) -> int:
@@ -189,10 +195,17 @@ class QuantizedKV:
         per_channel = q.granularity == "per_channel"
         # per-channel key ranges span one token group (the whole block with group_size -1)
         step = (q.residual if q.group_size == -1 else q.group_size) if per_channel else ready
+        new_blocks = []
         for start in range(0, ready, step):
             keys_block = self.residual_keys[:, :, start : start + step]
             values_block = self.residual_values[:, :, start : start + step]
-            self.blocks.append((quantize_states(keys_block, q, per_channel), quantize_states(values_block, q)))
+            new_blocks.append((quantize_states(keys_block, q, per_channel), quantize_states(values_block, q)))
+        self.blocks.extend(new_blocks)
+        dtype = keys.dtype
+        read = [torch.cat([b[i].dequantize(dtype) for b in new_blocks], dim=2) for i in (0, 1)]
+        if self.readback is not None:
+            read = [torch.cat([old, new], dim=2) for old, new in zip(self.readback, read)]
+        self.readback = (read[0], read[1])
         # a copy, so the residual does not keep the whole written tensor alive through a view
         self.residual_keys = self.residual_keys[:, :, ready:].clone()
         self.residual_values = self.residual_values[:, :, ready:].clone()
@@ -201,9 +214,10 @@ class QuantizedKV:
         """(keys, values) of every token held, dequantized, in dtype; None before the first write."""
         if self.residual_keys is None:
             return None
-        keys = [k.dequantize(dtype) for k, _ in self.blocks] + [self.residual_keys.to(dtype)]
-        values = [v.dequantize(dtype) for _, v in self.blocks] + [self.residual_values.to(dtype)]
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        if self.readback is None:
+            return self.residual_keys.to(dtype), self.residual_values.to(dtype)
+        keys = torch.cat([self.readback[0].to(dtype), self.residual_keys.to(dtype)], dim=2)
+        return keys, torch.cat([self.readback[1].to(dtype), self.residual_values.to(dtype)], dim=2)
 
     @property
     def nbytes(self) -> int:

@@ -100,7 +100,10 @@ def test_residual_holds_the_recent_tokens_until_a_block_fills():
         assert torch.equal(out_keys[:, :, block], fake_quantize_states(keys[:, :, block], quantizer, True))
         assert torch.equal(out_values[:, :, block], fake_quantize_states(values[:, :, block], quantizer))
     assert torch.equal(out_keys[:, :, 24:], keys[:, :, 24:]) and torch.equal(out_values[:, :, 24:], values[:, :, 24:])
-    residual_bytes = 2 * 1 * 2 * 6 * 16 * 4  # keys and values, 6 tokens in fp32
+    # what is read back is the stored codes dequantized (kept from the write, not recomputed per read)
+    stored = torch.cat([k.dequantize() for k, _ in cache.blocks] + [cache.residual_keys], dim=2)
+    assert torch.equal(out_keys, stored)
+    residual_bytes = 2 * 1 * 2 * 6 * 16 * 4  # keys and values, 6 tokens in fp32; the read-back copy is not counted
     assert cache.nbytes == sum(k.nbytes + v.nbytes for k, v in cache.blocks) + residual_bytes
 
 
