@@ -9,6 +9,12 @@ runs on the same windows can be compared pairwise.
 
 Logits are produced a slice of positions at a time, so a 2048 × 128k-vocabulary window never
 materializes in fp32 all at once.
+
+With `chunk` set, each window is fed as a chunked prefill instead of one forward: chunks of `chunk`
+tokens in order, a cache carrying the earlier chunks' keys and values (experiments/models/kv_cache.py,
+quantized when `kv` is on), so later positions attend to the cache as stored. The hidden states of
+the chunks are joined and the NLL is computed from them exactly as for one forward; with the cache
+off the two agree up to float rounding.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import nn
 
 from experiments.evaluation.statistics import t_quantile_975
 from experiments.models.adapters import Architecture
+from kernels.kv_cache import KVQuantizer
 
 LOGIT_SLICE = 512  # positions per lm_head call: bounds the fp32 logits memory
 Observer = Callable[[int, int, torch.Tensor], None]  # (first window of the batch, first position, log-probs)
@@ -63,17 +70,37 @@ def input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def hidden_states(
+    backbone: nn.Module, ids: torch.Tensor, chunk: int | None = None, kv: KVQuantizer | None = None
+) -> torch.Tensor:
+    """The backbone's last hidden states [b, L, H]: one forward without a cache, or (`chunk`) a
+    chunked prefill through a fresh cache in kv's format (off: states kept as written)."""
+    if chunk is None:
+        return backbone(input_ids=ids, use_cache=False).last_hidden_state
+    from experiments.models.kv_cache import QuantizedKVCache, cache_kwarg  # needs transformers' layered Cache
+
+    cache = QuantizedKVCache(kv or KVQuantizer(), backbone.config.num_hidden_layers)
+    keyword = cache_kwarg(backbone)
+    parts = [
+        backbone(input_ids=ids[:, start : start + chunk], use_cache=True, **{keyword: cache}).last_hidden_state
+        for start in range(0, ids.shape[1], chunk)
+    ]
+    return torch.cat(parts, dim=1)
+
+
 @torch.no_grad()
 def window_nll(
-    model: nn.Module, arch: Architecture, windows: torch.Tensor, observer: Observer | None = None, first_window: int = 0
+    model: nn.Module, arch: Architecture, windows: torch.Tensor, observer: Observer | None = None, first_window: int = 0,
+    chunk: int | None = None, kv: KVQuantizer | None = None,
 ) -> torch.Tensor:
     """Mean next-token NLL of each window in the batch [b, L] -> [b], computed in fp32.
     `observer(first_window, start, log_probs)` sees each slice's fp32 log-probabilities [b, s, V]
-    (experiments/evaluation/kl.py records or compares distributions there, at no second forward pass)."""
+    (experiments/evaluation/kl.py records or compares distributions there, at no second forward pass).
+    `chunk`, `kv`: a chunked prefill through a (quantized) cache (`hidden_states`)."""
     backbone = model.get_submodule(arch.backbone)
     lm_head = model.get_output_embeddings()
     ids = windows.to(input_device(model))
-    hidden = backbone(input_ids=ids, use_cache=False).last_hidden_state
+    hidden = hidden_states(backbone, ids, chunk, kv)
     total = torch.zeros(ids.shape[0], dtype=torch.float64, device=hidden.device)
     n_positions = ids.shape[1] - 1
     for start in range(0, n_positions, LOGIT_SLICE):
@@ -93,7 +120,7 @@ def window_nll(
 @torch.no_grad()
 def perplexity(
     model: nn.Module, arch: Architecture, windows: torch.Tensor, batch_size: int = 1, progress: bool = False,
-    observer: Observer | None = None,
+    observer: Observer | None = None, chunk: int | None = None, kv: KVQuantizer | None = None,
 ) -> PerplexityResult:
     from tqdm.auto import tqdm
 
@@ -103,7 +130,7 @@ def perplexity(
     nll: list[float] = []
     batches = windows.split(batch_size)
     for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
-        nll.extend(window_nll(model, arch, batch, observer, first_window=len(nll)).tolist())
+        nll.extend(window_nll(model, arch, batch, observer, len(nll), chunk, kv).tolist())
     return summarize(nll, windows.shape[1], time.perf_counter() - start)
 
 

@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def config_hash(config: dict[str, Any]) -> str:
     """Hash of what determines the numbers: the resolved config without paths and logging. `act`
-    counts only when it is on and `observer` only for static ranges, so weight-only runs keep the
+    and `kv` count only when on and `observer` only for static ranges, so weight-only runs keep the
     hash they had before those groups existed (and an unused observer changes nothing)."""
     dropped = {"paths", "logger", "tags", "hydra", "force", "skip_invalid", "sweep_name"}
     act = config.get("act") or {}
@@ -38,6 +38,8 @@ def config_hash(config: dict[str, Any]) -> str:
         dropped |= {"act", "observer"}
     elif act.get("mode") != "static":
         dropped.add("observer")
+    if (config.get("kv") or {}).get("bits", 16) == 16:
+        dropped.add("kv")
     if not config.get("modules"):
         dropped.add("modules")  # no per-module rules: the hash runs had before rules existed
     if not config.get("sensitivity"):

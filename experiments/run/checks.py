@@ -298,6 +298,47 @@ def _activations(run: Any) -> None:
         )
 
 
+def _kv(run: Any) -> None:
+    """What KV-cache quantization needs (schema.py checked the kv group itself): a perplexity
+    evaluation in torch whose windows are longer than one chunk, a transformers with layered
+    caches, and, where the shape is known before loading (random models), a model it can serve;
+    other models are checked right after they load (experiments/run/flow.py)."""
+    if not run.kv.enabled:
+        return
+    bits = f"kv.bits={run.kv.bits}"
+    runtimes = [method.name for method in _methods(run) if method.runtime is not None]
+    if runtimes:
+        raise ConfigError(f"method={runtimes[0]} evaluates an ONNX graph in its own runtime, which has no quantized KV "
+                          f"cache, so {bits} cannot apply to it: use kv=none")
+    if run.eval.tasks:
+        raise ConfigError(f"{bits} is evaluated by perplexity through the quantized cache; the zero-shot tasks run in "
+                          "lm-eval without it: use eval.tasks=[] with kv, or kv=none for the tasks")
+    ppl = run.eval.ppl
+    if not ppl.datasets:
+        raise ConfigError(f"{bits} is evaluated by perplexity: name eval.ppl.datasets (e.g. [wikitext2])")
+    if run.kv.chunk >= ppl.seqlen:
+        raise ConfigError(f"kv.chunk={run.kv.chunk} is not shorter than eval.ppl.seqlen={ppl.seqlen}: one chunk takes "
+                          "the whole window, so no token would read the quantized cache; lower kv.chunk (e.g. 128)")
+    if run.kv.granularity == "per_channel" and run.kv.residual >= ppl.seqlen:
+        raise ConfigError(f"kv.residual={run.kv.residual} is not shorter than eval.ppl.seqlen={ppl.seqlen}: every token "
+                          "would stay in the full-precision residual; lower kv.residual")
+    try:
+        from experiments.models.kv_cache import check_kv_model
+    except ImportError as error:
+        import transformers
+
+        raise ConfigError(f"{bits} needs transformers' layered cache API (transformers >= 4.56; installed "
+                          f"{transformers.__version__}: {error}): upgrade transformers or use kv=none") from None
+    if run.model.source == "random":
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model(**dict(run.model.random_config or {}))
+        try:
+            check_kv_model(config, run.kv.quantizer(), run.model.name)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
 def _runtime_methods(run: Any) -> None:
     """A method another runtime carries out (onnx_int8: ONNX Runtime) evaluates perplexity in that
     runtime only: what needs the torch model, or its weight formats, cannot run with it."""
@@ -338,6 +379,7 @@ def check_run(run: Any, overrides: list[str] | None = None) -> None:
     _activations(run)
     if run.model.source == "random":
         _random_model(run.model)
+    _kv(run)
     ppl = run.eval.ppl
     if not ppl.datasets and not run.eval.tasks:
         raise ConfigError(

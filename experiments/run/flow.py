@@ -37,6 +37,7 @@ from methods import get_method_class
 from methods.base import ConfigError, Method
 
 EVAL_CODE_VERSION = 1  # bump when the perplexity computation changes: invalidates cached baselines
+KV_MEMORY_TOKENS = (2048, 8192)  # context lengths at which the KV cache's stored bytes are measured
 
 
 def model_storage_bytes(model: torch.nn.Module, report: QuantizationReport | None) -> int:
@@ -46,6 +47,21 @@ def model_storage_bytes(model: torch.nn.Module, report: QuantizationReport | Non
     quantized_bits = sum(r.storage_bits for r in report.layers) if report else 0
     total_numel = sum(p.numel() for p in model.parameters())
     return (quantized_bits + 16 * (total_numel - quantized_numel)) // 8
+
+
+def kv_record(run: RunConfig, model: torch.nn.Module) -> tuple[float, dict[str, Any]]:
+    """(kv_bits, the record's `kv`): the settings and, when on, the cache of this model's shape
+    measured at KV_MEMORY_TOKENS (experiments/models/kv_cache.py cache_memory); kv_bits is the
+    stored bits per cached number at 2048 tokens, scales, minima and residual included (16: off)."""
+    entry: dict[str, Any] = {**asdict(run.kv), "enabled": run.kv.enabled}
+    if not run.kv.enabled:
+        return 16.0, entry
+    from experiments.models.kv_cache import cache_memory, kv_shape
+
+    shape = kv_shape(model.config)
+    memory = {str(tokens): cache_memory(shape, run.kv.quantizer(), tokens, run.kv.chunk) for tokens in KV_MEMORY_TOKENS}
+    entry.update(shape=asdict(shape), memory=memory)
+    return memory[str(KV_MEMORY_TOKENS[0])]["bits_per_element"], entry
 
 
 def _eval_sets(loaded: LoadedModel, run: RunConfig) -> dict[str, Any]:
@@ -210,7 +226,8 @@ def _quantize_and_evaluate(
     elif report.formats:
         quantized_model["eval_backend"] = {"backend": "fake"}
     act_linears = activations.attach(model, arch, run.act, report.skipped, report.act_ranges)
-    changes_model = method.quantizes_weights or act_linears > 0  # else the baseline's numbers are its own
+    kv = run.kv.quantizer() if run.kv.enabled else None  # perplexity as a chunked prefill through it
+    changes_model = method.quantizes_weights or act_linears > 0 or kv is not None  # else the baseline's own
     place_for_eval(model, arch, loaded.device)
     start = time.perf_counter()
     metrics: dict[str, dict] = {}
@@ -224,7 +241,8 @@ def _quantize_and_evaluate(
         else:
             observer = zeroshot_and_kl.kl_observer(extras, dataset)  # KL inside the perplexity pass
             metrics[dataset] = perplexity(
-                model, arch, windows.input_ids, run.eval.ppl.batch_size, observer=observer
+                model, arch, windows.input_ids, run.eval.ppl.batch_size, observer=observer,
+                chunk=run.kv.chunk if kv is not None else None, kv=kv,
             ).as_dict()
             if observer is not None:
                 kl[dataset] = observer.result()
@@ -233,6 +251,7 @@ def _quantize_and_evaluate(
     zeroshot = zeroshot_and_kl.evaluate(model, loaded.tokenizer, run, extras, changes_model, run_dir, label)
     if zeroshot:
         timings["tasks_s"] = zeroshot["seconds"]
+    kv_bits, kv_entry = kv_record(run, model)
     return {
         **({"quantized_model": quantized_model} if quantized_model else {}),
         **({"export": exported} if exported else {}),
@@ -242,6 +261,8 @@ def _quantize_and_evaluate(
         "avg_bits": report.avg_bits if report.layers else 16.0,  # weights only; act_bits beside it
         "act_bits": run.act.bits,
         "act": activations.record_entry(run.act, run.observer, report.act_ranges, act_linears),
+        "kv_bits": kv_bits,  # bits per cached number, measured from the stored bytes (16: off)
+        "kv": kv_entry,
         **sizes,
         "metrics": {"ppl": metrics, **({"kl": kl} if kl else {}),
                     **({"tasks": zeroshot["tasks"], "delta": zeroshot["delta"]} if zeroshot else {})},
@@ -312,6 +333,10 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         for name, rules in [(run.method_name, run.modules), *run.comparison_modules.items()]:
             module_rules.check_model(rules, loaded.architecture, loaded.model, get_method_class(name))
         _check_allocation_model(run, loaded)
+        if run.kv.enabled:  # a model this cache cannot serve fails here, before the baseline
+            from experiments.models.kv_cache import check_kv_model
+
+            check_kv_model(loaded.model.config, run.kv.quantizer(), base_spec.name)
         if run.calib.chat_template and needs_calibration(run):  # before the baseline, not after it
             check_chat_template(loaded.tokenizer)
         zeroshot_and_kl.check_prompting(loaded.tokenizer, run)  # eval.apply_chat_template needs a template

@@ -25,6 +25,7 @@ from experiments.run.module_rules import ModuleRule, parse_rules
 from experiments.run.sensitivity import SensitivityConfig
 from experiments.run.sensitivity import check_config as check_sensitivity
 from kernels.activations import ActivationQuantizer
+from kernels.kv_cache import KVQuantizer
 from methods.base import ConfigError, MethodConfig
 from methods.observers import OBSERVERS, Observer, make_observer, observer_options
 
@@ -167,6 +168,35 @@ def _validate_act(act: ActConfig, observer: ObserverConfig) -> None:
 
 
 @dataclass
+class KVConfig:
+    """`kv=<preset>`: keys and values quantized when written to the KV cache, perplexity evaluated
+    as a chunked prefill through that cache (kernels/kv_cache.py, experiments/models/kv_cache.py;
+    every field explained in conf/kv/none.yaml). bits 16: off."""
+
+    bits: int = 16
+    granularity: str = "per_token"  # per_token; per_channel: KIVI's per-channel keys
+    sym: bool = False
+    group_size: int = -1  # channels per per-token range (-1: the whole head); per_channel keys: tokens per range
+    residual: int = 0  # most recent tokens kept in full precision until a block of this many fills
+    chunk: int = 128  # prefill chunk of the perplexity evaluation (kv on only)
+
+    def quantizer(self) -> KVQuantizer:
+        return KVQuantizer(self.bits, self.granularity, self.sym, self.group_size, self.residual)  # type: ignore[arg-type]
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits != 16
+
+
+def _validate_kv(kv: KVConfig) -> None:
+    try:
+        kv.quantizer()
+    except ValueError as error:
+        raise ConfigError(f"config group 'kv': {error} (presets: kv=none, int8, int4, int2, kivi4, kivi2)") from None
+    _positive(kv.chunk, "kv.chunk")
+
+
+@dataclass
 class LoggerConfig:
     name: str = "none"
     project: str = "quantlab"
@@ -237,6 +267,7 @@ class RunConfig:
     observer: ObserverConfig = field(default_factory=ObserverConfig)
     sensitivity: SensitivityConfig | None = None  # experiment=sensitivity (experiments/run/sensitivity.py)
     allocation: allocation_.AllocationPlan | None = None  # allocation.target_bits: the widths, as `modules`
+    kv: KVConfig = field(default_factory=KVConfig)
 
 
 def _typed(schema: type, section: Any, group: str) -> Any:
@@ -382,6 +413,8 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
     act = _typed(ActConfig, resolved.get("act") or {}, "act")
     observer = _typed(ObserverConfig, resolved.get("observer") or {}, "observer")
     _validate_act(act, observer)
+    kv = _typed(KVConfig, resolved.get("kv") or {}, "kv")
+    _validate_kv(kv)
     comparisons = _comparisons(resolved, group_loader)
     plan, items = _allocation(resolved, method, model)
     modules, comparison_modules = _module_rules(items, method_name, method, comparisons, model)
@@ -395,7 +428,7 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
         seed=int(resolved["seed"]), name=str(resolved["name"]), tags=list(resolved.get("tags") or []),
         tokenizer_model=tokenizer_model, comparisons=comparisons, expected=expected,
         save_model=save_model, export=export, modules=modules, comparison_modules=comparison_modules,
-        act=act, observer=observer, sensitivity=sensitivity, allocation=plan,
+        act=act, observer=observer, sensitivity=sensitivity, allocation=plan, kv=kv,
     )
 
 

@@ -31,7 +31,7 @@ FP16 = "fp16"  # the method that quantizes nothing: its rows sit at 16 bits per 
 RUN_COLUMNS = [
     "run_dir", "record_path", "entry_index", "status", "error", "name", "model", "method", "method_options", "bits",
     "group_size",
-    "avg_bits", "act_bits", "act", "model_bytes", "fp16_model_bytes", "calib_dataset", "calib_nsamples", "calib_seqlen",
+    "avg_bits", "act_bits", "act", "kv_bits", "kv", "model_bytes", "fp16_model_bytes", "calib_dataset", "calib_nsamples", "calib_seqlen",
     "calib_seed", "seed", "config_hash", "tags", "expected_source", "quantize_s", "eval_s", "started_at",
     "finished_at",
 ]
@@ -133,6 +133,16 @@ def act_label(act: dict[str, Any] | None) -> str | None:
     return " ".join(words)
 
 
+def kv_label(kv: dict[str, Any] | None) -> str | None:
+    """The KV-cache setting in a few words ("int4 per_token asym g-1 chunk128"); None when off."""
+    if not kv or not kv.get("enabled"):
+        return None
+    words = [f"int{kv['bits']}", kv["granularity"], "sym" if kv["sym"] else "asym", f"g{kv['group_size']}"]
+    if kv.get("residual"):
+        words.append(f"residual{kv['residual']}")
+    return " ".join([*words, f"chunk{kv['chunk']}"])
+
+
 def entry_row(record_path: Path, record: dict[str, Any], index: int, entry: dict[str, Any]) -> dict[str, Any]:
     model = record.get("model") or {}
     calib = record.get("calib") or {}
@@ -150,6 +160,8 @@ def entry_row(record_path: Path, record: dict[str, Any], index: int, entry: dict
         "avg_bits": entry.get("avg_bits"), "model_bytes": entry.get("model_bytes"),
         # activation quantization (records before it existed: 16, off); `act` names the rest of it
         "act_bits": entry.get("act_bits", 16), "act": act_label(entry.get("act")),
+        # KV-cache quantization (records before it existed: 16, off): measured bits per cached number
+        "kv_bits": entry.get("kv_bits", 16.0), "kv": kv_label(entry.get("kv")),
         "fp16_model_bytes": record.get("fp16_model_bytes"),
         # The run's calibration set; null for runs whose methods need none (RTN).
         "calib_dataset": calib_label(calib), "calib_nsamples": calib.get("nsamples"),

@@ -66,6 +66,13 @@ def fidelity_columns(record: dict[str, Any], entry: dict[str, Any] | None) -> di
     return columns
 
 
+def _eval_settings(entry: dict[str, Any]) -> str:
+    """What else the entry's evaluated model quantizes: " A8" (activations), " KV4" (KV cache), or ""."""
+    act_bits = entry.get("act_bits", 16)
+    kv = entry.get("kv") or {}
+    return (f" A{act_bits}" if act_bits != 16 else "") + (f" KV{kv['bits']}" if kv.get("enabled") else "")
+
+
 def run_rows(record: dict[str, Any]) -> list[dict[str, str]]:
     """The baseline row and the method row of one run, for a side-by-side table."""
     datasets = list((record.get("metrics") or {}).get("ppl", {}) or (record.get("baseline") or {}).get("ppl", {}))
@@ -82,7 +89,8 @@ def run_rows(record: dict[str, Any]) -> list[dict[str, str]]:
     })
     entries = [record] + list(record.get("comparisons") or [])
     for entry in entries:
-        if entry.get("method") == "fp16":
+        evaluated = _eval_settings(entry)
+        if entry.get("method") == "fp16" and not evaluated:  # the baseline row already shows it
             continue
         entry_timings = entry.get("timings", timings)
         source = (entry.get("quantized_model") or {}).get("source")
@@ -91,7 +99,7 @@ def run_rows(record: dict[str, Any]) -> list[dict[str, str]]:
         else:
             quantized = f"{entry_timings.get('quantize_s', 0):.1f} quantize"
         rows.append({
-            "run": f"{entry.get('method')} W{entry.get('bits')} g{entry.get('group_size')}",
+            "run": f"{entry.get('method')} W{entry.get('bits')} g{entry.get('group_size')}{evaluated}",
             "bits/weight": f"{entry['avg_bits']:.3f}" if entry.get("avg_bits") else "-",
             **{f"ppl {d}": _ppl_cell(entry["metrics"]["ppl"].get(d)) for d in datasets},
             **fidelity_columns(record, entry),

@@ -27,7 +27,7 @@ def test_every_experiment_composes_and_validates(experiment):
 
 @pytest.mark.parametrize(
     ("group", "choice"),
-    [(g, c) for g in ("model", "method", "calib", "eval", "logger", "export", "act", "observer", "rules")
+    [(g, c) for g in ("model", "method", "calib", "eval", "logger", "export", "act", "observer", "rules", "kv")
      for c in options(g)
      # these need their own key (model.path, calib.path, calib.dataset): tested with it
      if (g, c) not in (("model", "quantized"), ("calib", "custom"), ("calib", "hf"))],
