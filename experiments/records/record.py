@@ -47,6 +47,20 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# The replicate seeds: `seed` at top level and `calib.seed`. Runs whose configs differ only in these
+# repeat one experiment; reports fold them into mean ± sd (experiments/records/reporting/replicates.py).
+REPLICATE_SEEDS = ("seed", "calib.seed")
+
+
+def replicate_hash(config: dict[str, Any]) -> str:
+    """`config_hash` of the config with the replicate seeds removed: equal for every replicate of
+    one experiment, different as soon as anything else (a knob, a dataset, a size) differs."""
+    stripped = {k: v for k, v in config.items() if k != "seed"}
+    if isinstance(stripped.get("calib"), dict):
+        stripped["calib"] = {k: v for k, v in stripped["calib"].items() if k != "seed"}
+    return config_hash(stripped)
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for dist in ("quantlab", "torch", "transformers", "accelerate", "datasets", "hydra-core", "lm-eval", "gguf"):
