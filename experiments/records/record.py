@@ -29,10 +29,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """Hash of what determines the numbers: the resolved config without paths and logging. `act`
+    """Hash of what determines the numbers: the resolved config without paths, logging and what a
+    sweeper optimizes (optimized_metric, bits_budget: a search reuses finished runs). `act`
     counts only when it is on and `observer` only for static ranges, so weight-only runs keep the
     hash they had before those groups existed (and an unused observer changes nothing)."""
-    dropped = {"paths", "logger", "tags", "hydra", "force", "skip_invalid", "sweep_name"}
+    dropped = {"paths", "logger", "tags", "hydra", "force", "skip_invalid", "sweep_name", "optimized_metric",
+               "bits_budget"}
     act = config.get("act") or {}
     if act.get("bits", 16) == 16:
         dropped |= {"act", "observer"}
