@@ -9,7 +9,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from experiments.run.cli import load_group_option
 from experiments.run.objective import check_objectives, missing_search_plugin, objective, over_budget
+from experiments.run.schema import validate
 from methods.base import ConfigError
 from tests.conftest import CONF_DIR, compose_config, run_quantlab
 from tests.experiments.records.reporting.test_report_records import make_record
@@ -57,6 +59,9 @@ def test_objectives_and_budgets_are_checked_before_the_run():
         check_objectives({**resolved, "bits_budget": -1})
     with pytest.raises(ConfigError, match="must be a name or a list of names"):
         check_objectives({**resolved, "optimized_metric": 3})
+    # the run's own validation refuses them, before any model loads
+    with pytest.raises(ConfigError, match="'ppl:c4', which this run does not measure"):
+        validate(compose_config("optimized_metric=ppl:c4"), load_group_option)
 
 
 def test_the_search_configs_compose_with_their_objectives():
