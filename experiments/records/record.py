@@ -29,10 +29,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """Hash of what determines the numbers: the resolved config without paths and logging. `act`
-    and `kv` count only when on and `observer` only for static ranges, so weight-only runs keep the
+    """Hash of what determines the numbers: the resolved config without paths, logging and what a
+    sweeper optimizes (optimized_metric, bits_budget: a search reuses finished runs). `act` and `kv`
+    count only when on and `observer` only for static ranges, so weight-only runs keep the
     hash they had before those groups existed (and an unused observer changes nothing)."""
-    dropped = {"paths", "logger", "tags", "hydra", "force", "skip_invalid", "sweep_name"}
+    dropped = {"paths", "logger", "tags", "hydra", "force", "skip_invalid", "sweep_name", "optimized_metric",
+               "bits_budget"}
     act = config.get("act") or {}
     if act.get("bits", 16) == 16:
         dropped |= {"act", "observer"}
@@ -51,6 +53,20 @@ def config_hash(config: dict[str, Any]) -> str:
         # a calibration file's content is in data_fingerprints: moving the file changes nothing
         relevant["calib"] = {k: v for k, v in relevant["calib"].items() if k != "path"}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# The replicate seeds: `seed` at top level and `calib.seed`. Runs whose configs differ only in these
+# repeat one experiment; reports fold them into mean ± sd (experiments/records/reporting/replicates.py).
+REPLICATE_SEEDS = ("seed", "calib.seed")
+
+
+def replicate_hash(config: dict[str, Any]) -> str:
+    """`config_hash` of the config with the replicate seeds removed: equal for every replicate of
+    one experiment, different as soon as anything else (a knob, a dataset, a size) differs."""
+    stripped = {k: v for k, v in config.items() if k != "seed"}
+    if isinstance(stripped.get("calib"), dict):
+        stripped["calib"] = {k: v for k, v in stripped["calib"].items() if k != "seed"}
+    return config_hash(stripped)
 
 
 def library_versions() -> dict[str, str]:

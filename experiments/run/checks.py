@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from experiments.run.objective import check_objectives
 from methods.base import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -36,7 +37,7 @@ def known_top_level_keys() -> frozenset[str]:
         if isinstance(entry, dict):
             groups.update(str(k).split("@")[0].removeprefix("optional ").strip() for k in entry)
     keys = {k for k in primary if k not in ("defaults", "hydra")}
-    return frozenset((groups | keys | set(FLAGS) | set(RECORDED) | {"hydra"}) - {"experiment", "local", "_self_"})
+    return frozenset((groups | keys | set(FLAGS) | set(RECORDED) | {"hydra"}) - {"experiment", "hparams_search", "local", "_self_"})
 
 
 def _path_component(value: Any, key: str) -> None:
@@ -79,6 +80,7 @@ def check_top_level(resolved: dict[str, Any]) -> None:
     for key in ("name", "sweep_name"):
         if key in resolved:
             _path_component(resolved[key], key)
+    check_objectives(resolved)  # optimized_metric, bits_budget: what a sweeper optimizes
 
 
 CALIB_SOURCES = ("builtin", "custom", "hf")

@@ -129,7 +129,7 @@ def user_error_message(error: BaseException) -> str | None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def app(cfg: DictConfig) -> float | None:
+def app(cfg: DictConfig) -> float | tuple[float, ...] | None:
     from hydra.types import RunMode
 
     from experiments.records.reporting.text import (
@@ -140,6 +140,7 @@ def app(cfg: DictConfig) -> float | None:
         run_rows,
     )
     from experiments.records.tracking import group_by_sweep
+    from experiments.run.objective import objective
     from methods.base import ConfigError
 
     signal.signal(signal.SIGTERM, _raise_interrupted)
@@ -176,8 +177,8 @@ def app(cfg: DictConfig) -> float | None:
         if line:
             print(line)
     print(f"result: {run_dir / 'result.json'}")
-    values = [m["value"] for m in record["metrics"]["ppl"].values()]
-    return values[0] if values else None  # the first perplexity, for Hydra sweepers that optimize
+    # what Hydra's sweepers optimize (optimized_metric; +inf over bits_budget): experiments/run/objective.py
+    return objective(record, cfg.get("optimized_metric"), cfg.get("bits_budget"))
 
 
 def _print_sensitivity(record: dict[str, Any], run_dir: Path) -> None:
@@ -221,10 +222,16 @@ def output_folder_problem(argv: list[str]) -> str | None:
 
 
 def main() -> None:
+    from experiments.run.objective import missing_search_plugin
+
     problem = output_folder_problem(sys.argv[1:])
     if problem:
         print(f"quantlab: error: {problem}; choose another with paths.output_dir=... or QUANTLAB_OUTPUT_DIR",
               file=sys.stderr)
+        sys.exit(1)
+    problem = missing_search_plugin(sys.argv[1:])
+    if problem:
+        print(f"quantlab: error: {problem}", file=sys.stderr)
         sys.exit(1)
     app()
 

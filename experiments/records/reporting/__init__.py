@@ -8,7 +8,8 @@
 
 - `records.py` loads the records (one row per method entry), `selection.py` filters them,
   `metrics.py` names what a table shows, `tables.py` pivots it (markdown, LaTeX, CSV), `plots.py`
-  draws, `versus.py` pairs entries with a reference method window by window;
+  draws, `versus.py` pairs entries with a reference method window by window, `replicates.py`
+  folds runs that differ only in seed / calib.seed into mean ± sd;
 - `text.py`: the plain-text tables (the quickstart's closing table, `--versus`);
 - `cli.py`: the `quantlab-report` command over the same functions.
 """
@@ -16,10 +17,11 @@
 from experiments.records.reporting.metrics import Metric, parse_metric
 from experiments.records.reporting.plots import bitmap_plot, layers_plot, loss_plot, pareto_plot
 from experiments.records.reporting.records import ReportError, load_curves, load_layers, load_runs
+from experiments.records.reporting.replicates import combine_replicates
 from experiments.records.reporting.selection import select
 from experiments.records.reporting.tables import PivotTable, pivot
 
 __all__ = [
-    "Metric", "PivotTable", "ReportError", "bitmap_plot", "layers_plot", "load_curves", "load_layers", "loss_plot", "load_runs", "parse_metric", "pareto_plot",
+    "Metric", "PivotTable", "ReportError", "bitmap_plot", "combine_replicates", "layers_plot", "load_curves", "load_layers", "loss_plot", "load_runs", "parse_metric", "pareto_plot",
     "pivot", "select",
 ]

@@ -13,9 +13,12 @@
     quantlab-report runs/ --versus gptq --match model,bits    # ... at the same nominal bits (VPTQ)
     quantlab-report runs/1_sens/ --sensitivity 3              # proxies ranked by Spearman ρ, worst units
     quantlab-report runs/1_sens/ --sensitivity 3 --plot heatmap heat.png  # blocks x roles, colour = ΔNLL at W3
+    quantlab-report runs/ --replicates latest                 # one run per cell, not the seeds' mean
 
 Failed and unfinished runs are left out unless --include-failed; repeated configurations keep
-their latest finished run. The same functions serve notebooks: see experiments/records/reporting.
+their latest finished run. Replicates (runs that differ only in seed / calib.seed) are folded into
+mean ± sample sd (n seeds) with the per-seed values (--format csv, --flat), and --versus pairs them
+seed by seed. The same functions serve notebooks: see experiments/records/reporting.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from experiments.records.reporting.plots import (
     sensitivity_heatmap,
 )
 from experiments.records.reporting.records import FP16, ReportError, load_curves, load_layers, load_runs, warn
+from experiments.records.reporting.replicates import MODES, combine_replicates
 from experiments.records.reporting.selection import select
 from experiments.records.reporting.tables import DEFAULT_COLUMNS, DEFAULT_ROWS, pivot, render_flat
 from experiments.records.reporting.versus import MATCH_KEYS, format_versus, versus_table
@@ -73,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layer", help="--plot bitmap: only the linears whose name contains this")
     parser.add_argument("--versus", metavar="METHOD", help="pair every entry with METHOD's entry under the same "
                         "protocol: the PPL ratio per window with its 95%% interval (dataset from --metric ppl:<ds>)")
+    parser.add_argument("--replicates", choices=MODES, default="mean", help="runs that differ only in seed / "
+                        "calib.seed: 'mean' folds them into mean ± sample sd with per-seed values (a single seed "
+                        "is unchanged), 'latest' keeps each run, a cell showing the latest (default: mean)")
     parser.add_argument("--match", type=_keys, help="--versus: the keys both entries share "
                         f"(default: {','.join(MATCH_KEYS)})")
     return parser
@@ -113,22 +120,23 @@ def report(args: argparse.Namespace) -> int:
         failed = int(runs["status"].ne("ok").sum())
         raise ReportError(f"{len(runs)} method entries found, none selected ({failed} from failed or unfinished "
                           "runs: --include-failed shows them; check --filter)")
-    if args.flat:
-        text = render_flat(selected.drop(columns=["record_path"]), args.format)
-        print(text, end="" if text.endswith("\n") else "\n")
-        return 0
     if args.versus:
         metric = parse_metric(args.metric, selected)
         if metric.dataset is None or metric.kind != "ppl":
             raise ReportError(f"--versus compares perplexities: use --metric ppl:<dataset>, not {args.metric!r}")
-        table = versus_table(selected, args.versus, metric.dataset, args.match)
+        table = versus_table(selected, args.versus, metric.dataset, args.match, args.replicates)
         text = render_flat(format_versus(table, metric.dataset, args.digits), args.format)
+        print(text, end="" if text.endswith("\n") else "\n")
+        return 0
+    combined = combine_replicates(selected, args.replicates)  # per-layer plots read each run's own record
+    if args.flat:
+        text = render_flat(combined.drop(columns=["record_path"]), args.format)
         print(text, end="" if text.endswith("\n") else "\n")
         return 0
     if args.plot:
         kind, out = args.plot
         if kind == "pareto":
-            pareto_plot(selected, parse_metric(args.metric, selected), out)
+            pareto_plot(combined, parse_metric(args.metric, combined), out)
         elif kind == "layers":
             layers_plot(load_layers(selected[selected["method"].ne(FP16)]), out)
         elif kind == "bitmap":
@@ -139,7 +147,7 @@ def report(args: argparse.Namespace) -> int:
             raise ReportError(f"--plot {kind!r}: expected pareto, layers, bitmap or loss")
         print(f"wrote {kind} plot: {out}")
         return 0
-    table = pivot(selected, parse_metric(args.metric, selected), args.rows, args.columns, args.digits)
+    table = pivot(combined, parse_metric(args.metric, combined), args.rows, args.columns, args.digits)
     print(table.render(args.format), end="" if args.format == "csv" else "\n")
     return 0
 

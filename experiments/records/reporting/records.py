@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.records.record import RESULT_FILE
+from experiments.records.record import RESULT_FILE, replicate_hash
 
 FP16 = "fp16"  # the method that quantizes nothing: its rows sit at 16 bits per weight
 
@@ -32,7 +32,7 @@ RUN_COLUMNS = [
     "run_dir", "record_path", "entry_index", "status", "error", "name", "model", "method", "method_options", "bits",
     "group_size",
     "avg_bits", "act_bits", "act", "kv_bits", "kv", "model_bytes", "fp16_model_bytes", "calib_dataset", "calib_nsamples", "calib_seqlen",
-    "calib_seed", "seed", "config_hash", "tags", "expected_source", "quantize_s", "eval_s", "started_at",
+    "calib_seed", "seed", "config_hash", "replicate_of", "tags", "expected_source", "quantize_s", "eval_s", "started_at",
     "finished_at",
 ]
 # Integer fields, kept integral (nullable) so that a missing value does not turn 4 into 4.0.
@@ -167,6 +167,8 @@ def entry_row(record_path: Path, record: dict[str, Any], index: int, entry: dict
         "calib_dataset": calib_label(calib), "calib_nsamples": calib.get("nsamples"),
         "calib_seqlen": calib.get("seqlen"), "calib_seed": calib.get("seed"),
         "seed": record.get("seed"), "config_hash": record.get("config_hash"),
+        # the same experiment up to its seeds: replicates share it (experiments/records/reporting/replicates.py)
+        "replicate_of": replicate_hash(record["config"]) if isinstance(record.get("config"), dict) else None,
         "tags": ",".join(map(str, record.get("tags") or [])),
         "expected_source": None, "quantize_s": timings.get("quantize_s"), "eval_s": timings.get("eval_s"),
         "started_at": record.get("started_at"), "finished_at": record.get("finished_at"),

@@ -15,6 +15,7 @@ import pandas as pd
 
 from experiments.records.reporting.metrics import Metric, protocol_text
 from experiments.records.reporting.records import FP16, ReportError, is_null, warn
+from experiments.records.reporting.replicates import REPLICATES, has_folded
 from experiments.records.reporting.text import render
 
 DEFAULT_ROWS = ["model", "method", "method_options", "group_size"]
@@ -23,6 +24,7 @@ DESCENDING = {"bits", "avg_bits"}  # papers list precision from high to low: W16
 BPW = "bpw"
 PUBLISHED = "published"
 DELTA = "Δ vs published"
+PER_SEED = "per seed"  # the replicates' values behind a mean ± sd cell: CSV only (too wide for a paper)
 MISSING = "-"
 
 
@@ -91,31 +93,37 @@ class PivotTable:
     metric: Metric
     notes: list[str] = field(default_factory=list)
 
-    def flat(self) -> pd.DataFrame:
+    def flat(self, per_seed: bool = False) -> pd.DataFrame:
         """Row keys as columns, headers joined ("W4 ppl"): the shape of markdown and CSV."""
-        flat = self.frame.copy()
+        flat = self.frame if per_seed else self.printed()
+        flat = flat.copy()
         flat.columns = [f"{label} {name}".strip() for label, name in flat.columns]
         return flat.reset_index()
+
+    def printed(self) -> pd.DataFrame:
+        """The table without its per-seed columns, as markdown and LaTeX show it."""
+        return self.frame.drop(columns=[c for c in self.frame.columns if c[1] == PER_SEED])
 
     def markdown(self) -> str:
         table = render(self.flat().astype(str).to_dict("records"))
         return "\n".join([table, *self.notes])
 
     def csv(self) -> str:
-        return self.flat().to_csv(index=False)
+        return self.flat(per_seed=True).to_csv(index=False)
 
     def latex(self) -> str:
-        frame = self.frame.reset_index()
+        shown = self.printed()
+        frame = shown.reset_index()
         frame.columns = pd.MultiIndex.from_tuples(
             [(c, "") if not isinstance(c, tuple) else c for c in frame.columns]
         )
-        n_keys = len(self.frame.index.names)
+        n_keys = len(shown.index.names)
         text = frame.to_latex(
             index=False, escape=True, multicolumn=True, multicolumn_format="c",
             column_format="l" * n_keys + "r" * (frame.shape[1] - n_keys),
             caption=latex_escape(". ".join(self.notes) + "."), label=f"tab:{self.metric.column.replace('_', '-')}",
         )
-        text = _add_cmidrules(text, self.frame.columns, n_keys)
+        text = _add_cmidrules(text, shown.columns, n_keys)
         # escape=True leaves non-ASCII as is; a paper's preamble should not need utf8 symbols.
         return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
 
@@ -160,11 +168,20 @@ def _check_keys(runs: pd.DataFrame, keys: list[str], option: str) -> None:
         raise ReportError(f"{option}: no column {', '.join(map(repr, unknown))}; columns: {', '.join(runs.columns)}")
 
 
-def _cell(entry: pd.Series, metric: Metric, digits: int, with_published: bool) -> dict[str, str]:
-    value = format_interval(entry.get(metric.column), entry.get(metric.ci_low), entry.get(metric.ci_high), digits)
+def _cell(entry: pd.Series, metric: Metric, digits: int, with_published: bool, with_seeds: bool) -> dict[str, str]:
+    replicates = entry.get(REPLICATES)
+    if not is_null(replicates) and replicates > 1:  # several seeds folded (replicates.py): mean ± sample sd
+        sd_column = f"{metric.column}_sd"  # absent for a column replicates.py only averages (avg_bits)
+        spread = f" ± {format_number(entry.get(sd_column), digits)}" if sd_column in entry.index else ""
+        value = f"{format_number(entry.get(metric.column), digits)}{spread} (n={int(replicates)})"
+    else:
+        value = format_interval(entry.get(metric.column), entry.get(metric.ci_low), entry.get(metric.ci_high), digits)
     if entry.get("status") != "ok":  # shown only with --include-failed
         value = "failed" if value == MISSING else f"{value} (failed)"
     cell = {metric.short: value, BPW: format_number(entry.get("avg_bits"), 2)}
+    if with_seeds:
+        per_seed = entry.get(f"{metric.column}_per_seed")
+        cell[PER_SEED] = MISSING if is_null(per_seed) else str(per_seed)
     if with_published:
         cell[PUBLISHED] = format_number(entry.get(metric.expected_column), digits)
         rel = entry.get(metric.rel_diff_column)
@@ -178,9 +195,10 @@ def pivot(
 ) -> PivotTable:
     """Pivot the selected method entries of `load_runs` (see `select`) on `metric`.
 
-    A cell that several entries fall into (other seeds, other calibration sets, reruns with a new
-    config) shows the latest finished one, with a warning: add the key that separates them to
-    `rows` or `columns`, or narrow the selection."""
+    Entries folded over seeds (`combine_replicates`) show mean ± sample sd (n=k). A cell that several
+    entries still fall into (other calibration sets, reruns with a new config; other seeds when they
+    were not folded) shows the latest finished one, with a warning: add the key that separates them
+    to `rows` or `columns`, or narrow the selection."""
     rows = list(DEFAULT_ROWS if rows is None else rows)
     columns = list(DEFAULT_COLUMNS if columns is None else columns)
     if "method_options" in rows and ("method_options" not in runs or runs["method_options"].fillna("").eq("").all()):
@@ -205,19 +223,20 @@ def pivot(
 
     with_published = bool(metric.expected_column and metric.expected_column in chosen
                           and chosen[metric.expected_column].notna().any())
+    with_seeds = has_folded(chosen)
     cells: dict[tuple, dict[tuple, str]] = {}
     column_labels: dict[tuple, str] = {}
     for _, entry in chosen.iterrows():
         row_key = tuple(entry[k] for k in rows)
         column_key = tuple(entry[k] for k in columns)
         column_labels[column_key] = " ".join(format_key(v, k) for v, k in zip(column_key, columns))
-        for name, text in _cell(entry, metric, digits, with_published).items():
+        for name, text in _cell(entry, metric, digits, with_published, with_seeds).items():
             cells.setdefault(row_key, {})[(column_key, name)] = text
 
     def ordered(key_tuples, names):
         return sorted(key_tuples, key=lambda t: tuple(sort_key(v, k) for v, k in zip(t, names)))
 
-    fields = [metric.short, BPW] + ([PUBLISHED, DELTA] if with_published else [])
+    fields = [metric.short, BPW] + ([PUBLISHED, DELTA] if with_published else []) + ([PER_SEED] if with_seeds else [])
     column_order = [(c, f) for c in ordered(column_labels, columns) for f in fields]
     row_order = ordered(cells, rows)
     table = pd.DataFrame(
@@ -228,7 +247,7 @@ def pivot(
     )
     # A published value exists for a few paper rows only: keep its sub-columns where it does.
     empty = [c for c in table.columns if c[1] in (PUBLISHED, DELTA) and table[c].eq(MISSING).all()]
-    return PivotTable(table.drop(columns=empty), metric, _notes(chosen, metric, with_published))
+    return PivotTable(table.drop(columns=empty), metric, _notes(chosen, metric, with_published, with_seeds))
 
 
 def _warn_conflicts(entries: pd.DataFrame, keys: list[str], metric: Metric) -> None:
@@ -238,13 +257,16 @@ def _warn_conflicts(entries: pd.DataFrame, keys: list[str], metric: Metric) -> N
         example = " ".join(format_key(v, k) for v, k in zip(conflicts.index[0], keys))
         warn(f"{len(conflicts)} table cell(s) hold several runs with different {metric.column} (e.g. {example}): "
              "showing the latest of each; separate them with --rows/--columns (seed, calib_dataset, config_hash, "
-             "...) or narrow with --filter")
+             "...), narrow with --filter, or fold seeds with --replicates mean")
 
 
-def _notes(chosen: pd.DataFrame, metric: Metric, with_published: bool) -> list[str]:
+def _notes(chosen: pd.DataFrame, metric: Metric, with_published: bool, with_seeds: bool) -> list[str]:
     notes = []
     if metric.has_interval:
         notes.append(f"{metric.short}: {metric.label}; ± half the 95% interval")
+    if with_seeds:
+        notes.append(f"(n=k): mean ± sample sd over k seeds (seed / calib.seed); per-seed values in --format csv "
+                     f"('{PER_SEED}') and --flat")
     protocol = protocol_text(chosen, metric)
     if protocol:
         notes.append(f"protocol: {protocol}")

@@ -54,14 +54,15 @@ def method_fields(method, bits, group_size, ppl):
 
 
 def make_record(method="rtn", bits=4, group_size=128, ppl=None, status="ok", model="tiny-llama", seed=0,
-                calib_dataset="c4", tags=("smollm2",), comparisons=(), expected=None, finished_at="2026-01-01T10:00:00+00:00"):
+                calib_dataset="c4", tags=("smollm2",), comparisons=(), expected=None, finished_at="2026-01-01T10:00:00+00:00",
+                calib_seed=0, calib_nsamples=128):
     """A schema-1 record. `ppl` maps dataset -> value (default wikitext2 only); `comparisons` are
     (method, ppl) pairs run beside the main method at the same bits and group size; `expected` maps
     dataset -> published value."""
     ppl = ppl or {"wikitext2": 12.0}
     config = {
         "model": {"name": model, "source": "random"}, "method": {"name": method, "bits": bits, "group_size": group_size},
-        "calib": {"dataset": calib_dataset, "nsamples": 128, "seqlen": 512, "seed": 0},
+        "calib": {"dataset": calib_dataset, "nsamples": calib_nsamples, "seqlen": 512, "seed": calib_seed},
         "eval": {"ppl": {"datasets": list(ppl), "seqlen": 2048, "max_windows": 40}},
         "bits": bits, "group_size": group_size, "seed": seed, "tags": list(tags), "name": f"{method}-w{bits}",
         "compare_with": [m for m, _ in comparisons],
@@ -72,7 +73,8 @@ def make_record(method="rtn", bits=4, group_size=128, ppl=None, status="ok", mod
         "config": config, "config_hash": config_hash(config),
         "model": {"name": model, "fingerprint": "random:0", "model_type": "llama", "family": "llama",
                   "n_params": 1_000_000, "dtype": "float32", "device": "cpu"},
-        "calib": {"dataset": calib_dataset, "nsamples": 128, "seqlen": 512, "seed": 0, "batch_size": 8},
+        "calib": {"dataset": calib_dataset, "nsamples": calib_nsamples, "seqlen": 512, "seed": calib_seed,
+                  "batch_size": 8},
         "eval_protocol": {"ppl": {ds: {"dataset": ds, "seqlen": 2048, "n_windows": 40, "n_windows_total": 148}
                                   for ds in ppl}},
         "baseline": {"ppl": {ds: ppl_metric(BASELINE_PPL[ds]) for ds in ppl}},
