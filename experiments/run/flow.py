@@ -20,6 +20,7 @@ from experiments.data.calibration import check_chat_template
 from experiments.evaluation import zeroshot_and_kl
 from experiments.evaluation.perplexity import perplexity, place_for_eval, release_from_eval
 from experiments.evaluation.statistics import paired_delta
+from experiments.models.adapters import check_method_fits
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config
 from experiments.records.record import RunRecord
@@ -274,6 +275,8 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         # module rules against the model's real linears, before the baseline or calibration
         for name, rules in [(run.method_name, run.modules), *run.comparison_modules.items()]:
             module_rules.check_model(rules, loaded.architecture, loaded.model, get_method_class(name))
+        for name in [run.method_name, *(other for other, _ in run.comparisons)]:  # AWQ on a derived adapter
+            check_method_fits(loaded.architecture, get_method_class(name))
         if run.calib.chat_template and needs_calibration(run):  # before the baseline, not after it
             check_chat_template(loaded.tokenizer)
         model = loaded.model

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.models.adapters import Architecture
+from experiments.models.adapters import Architecture, check_method_fits
 from experiments.run.activations import BlockObservers, StaticCalibration
 from experiments.run.module_rules import RUN_WIDE, SKIPPED_BITS, ModuleRule, segments
 from kernels import QuantizedWeight
@@ -158,10 +158,26 @@ def _existing_modules(model: nn.Module, paths: tuple[str, ...]) -> list[nn.Modul
     return found
 
 
+def check_one_mask_serves_all(model: nn.Module, seqlen: int) -> None:
+    """Every block is replayed with the attention mask block 0 received. Where layers attend
+    differently (Gemma 2: sliding and full, `config.layer_types`), the masks agree only while the
+    sequence fits the sliding window; refuse longer calibration windows."""
+    layer_types = set(getattr(model.config, "layer_types", None) or ())
+    window = getattr(model.config, "sliding_window", None)
+    if len(layer_types) > 1 and window is not None and seqlen > window:
+        raise ValueError(
+            f"{model.config.model_type}: its layers attend in different ways ({', '.join(sorted(layer_types))}; "
+            f"sliding window {window}) and the calibration windows have {seqlen} tokens: block 0's attention "
+            f"mask, which the driver replays for every block, would be wrong for the others. Set "
+            f"calib.seqlen <= {window}."
+        )
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, arch: Architecture, calib_ids: torch.Tensor, device: torch.device, batch_size: int
 ) -> BlockInputs:
+    check_one_mask_serves_all(model, calib_ids.shape[1])
     blocks = arch.block_list(model)
     backbone = model.get_submodule(arch.backbone)
     captured: BlockInputs = BlockInputs([], [])
@@ -200,6 +216,7 @@ class DecoderBlockView:
         self.sequential_groups = arch.sequential_groups
         self.true_sequential_default = arch.true_sequential_default
         self.scaling_groups = arch.scaling_groups
+        self.input_groups = arch.input_groups
         self.inputs = inputs
         self.n_sequences = inputs.n_sequences if inputs else 0
         self.n_tokens = inputs.n_tokens if inputs else 0
@@ -351,6 +368,7 @@ class SegmentView:
             ScalingGroup(g.prev_op, tuple(n for n in g.linears if n in self.linears), g.inspect)
             for g in view.scaling_groups if any(n in self.linears for n in g.linears)
         ]
+        self.input_groups = [tuple(n for n in g if n in self.linears) for g in view.input_groups]
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._view, attr)
@@ -404,6 +422,7 @@ def quantize_model(
     `act_ranges`. Then even a data-free method's run propagates the calibration inputs."""
     from tqdm.auto import tqdm
 
+    check_method_fits(arch, method)
     seconds: dict[str, float] = {}
     blocks = arch.block_list(model)
     needs_inputs = method.needs_calibration or activations is not None
