@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -103,6 +103,8 @@ class QuantizationReport:
     skipped: dict[str, tuple[int, int]] = field(default_factory=dict)  # linears a module rule left alone: shape
     # static activation ranges by full linear name (experiments/run/activations.py), when calibrated
     act_ranges: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method: str | None = None  # what produced it: the method's name and its whole config
+    method_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def avg_bits(self) -> float | None:
@@ -489,4 +491,4 @@ def quantize_model(
             "their layer records say group_size_effective=-1", clamped[0][0],
             sum(r.group_size_effective != r.group_size for r in records), sorted({w for _, w in clamped}),
         )
-    return QuantizationReport(records, seconds, formats, skipped, act_ranges)
+    return QuantizationReport(records, seconds, formats, skipped, act_ranges, method.name, asdict(method.config))
