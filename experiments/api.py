@@ -79,6 +79,8 @@ def save(model: nn.Module, report: QuantizationReport, path: str | Path, tokeniz
     if missing:
         raise ValueError(f"{missing[:3]} are not linears of this model: save the model the report was made on")
     description = describe_report(report, report.method, report.method_config, report.seconds)
+    # not in config.json: without it a model quantized under eager attention reloads under sdpa
+    description["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
     return save_quantized_model(model, report.formats, Path(path), tokenizer, description)
 
 
@@ -88,7 +90,10 @@ def load(path: str | Path, backend: str = "fake", device: str | torch.device = "
     "packed" (QuantLinear modules holding the low-bit tensors)."""
     from experiments.models.quantized import load_quantized_model
 
-    return load_quantized_model(Path(path), device=device, backend=backend)
+    model, tokenizer, info = load_quantized_model(Path(path), device=device, backend=backend)
+    if info.get("attn_implementation"):  # the attention the model was quantized and evaluated with
+        model.set_attn_implementation(info["attn_implementation"])
+    return model, tokenizer, info
 
 
 def _method(name: str, bits: int, group_size: int, knobs: dict[str, Any]):

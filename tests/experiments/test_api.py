@@ -88,6 +88,20 @@ def test_a_derived_family_through_the_api():
         api.quantize(model, "awq", calibration=calibration)
 
 
+@pytest.mark.parametrize("config_class", [transformers.Phi3Config, transformers.Gemma2Config])
+def test_derived_families_reload_bit_for_bit(config_class, tmp_path):
+    """Gemma 2's embedding scale is a buffer in no file; Phi-3 under eager attention would reload as sdpa."""
+    config = config_class(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(config).eval()
+    report = api.quantize(model, "rtn", bits=4, group_size=32)
+    reloaded, _, _ = api.load(api.save(model, report, tmp_path))
+    windows = token_ids(2, 16, seed=4, vocab=128)
+    assert torch.equal(logits(reloaded, windows), logits(model, windows))
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda m: api.quantize(m, "gptqq"), ConfigError, r"unknown method 'gptqq'; valid: .*gptq.*rtn"),
     (lambda m: api.quantize(m, "gptq", act_ordr=True, calibration=token_ids(2, 8, 0)), ConfigError,
