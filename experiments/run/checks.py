@@ -223,15 +223,17 @@ def _device(spec: Any) -> None:
 
 
 def _random_model(spec: Any) -> None:
-    """A random model's config must build a model the adapters know, with consistent shapes."""
+    """A random model's config must build a causal LM the adapters take (a table's or any
+    transformers knows: experiments/models/adapters.py), with consistent shapes."""
     from transformers import AutoConfig
+    from transformers.utils import logging as transf_logging
 
-    from experiments.models.adapters import UnsupportedArchitecture, architecture_for
+    from experiments.models.adapters import UnsupportedArchitecture, check_model_type, check_structure
 
     shape = dict(spec.random_config or {})
     model_type = shape.get("model_type")
     try:
-        architecture_for(str(model_type))
+        check_model_type(str(model_type))
     except UnsupportedArchitecture as error:
         raise ConfigError(f"model.random_config.model_type: {error}") from None
     for key, value in shape.items():
@@ -249,10 +251,17 @@ def _random_model(spec: Any) -> None:
         raise ConfigError(
             f"model.random_config: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
         )
+    verbosity = transf_logging.get_verbosity()
+    transf_logging.set_verbosity_error()  # a dry build: the load repeats its warnings (token ids, ...)
     try:
-        AutoConfig.for_model(**shape)
+        config = AutoConfig.for_model(**shape)
+        check_structure(config)  # a family without a table: its layout, on the meta device
+    except UnsupportedArchitecture as error:
+        raise ConfigError(f"model.random_config.model_type: {error}") from None
     except (ValueError, TypeError, KeyError) as error:
         raise ConfigError(f"model.random_config does not make a {model_type} config: {error}") from None
+    finally:
+        transf_logging.set_verbosity(verbosity)
 
 
 def max_positions(spec: Any) -> int | None:

@@ -20,6 +20,7 @@ from experiments.data.calibration import check_chat_template
 from experiments.evaluation import zeroshot_and_kl
 from experiments.evaluation.perplexity import perplexity, place_for_eval, release_from_eval
 from experiments.evaluation.statistics import paired_delta
+from experiments.models.adapters import check_method_fits
 from experiments.models.loading import LoadedModel, ModelSpec, load_model
 from experiments.models.quantized import apply_formats, read_quant_config, restore_other_tensors
 from experiments.records.record import RunRecord
@@ -337,6 +338,8 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
             from experiments.models.kv_cache import check_kv_model
 
             check_kv_model(loaded.model.config, run.kv.quantizer(), base_spec.name)
+        for name in [run.method_name, *(other for other, _ in run.comparisons)]:  # AWQ on a derived adapter
+            check_method_fits(loaded.architecture, get_method_class(name))
         if run.calib.chat_template and needs_calibration(run):  # before the baseline, not after it
             check_chat_template(loaded.tokenizer)
         zeroshot_and_kl.check_prompting(loaded.tokenizer, run)  # eval.apply_chat_template needs a template

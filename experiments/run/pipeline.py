@@ -13,13 +13,13 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from experiments.models.adapters import Architecture
+from experiments.models.adapters import Architecture, check_method_fits
 from experiments.run.activations import BlockObservers, StaticCalibration
 from experiments.run.module_rules import RUN_WIDE, SKIPPED_BITS, ModuleRule, segments
 from kernels import QuantizedWeight
@@ -103,6 +103,8 @@ class QuantizationReport:
     skipped: dict[str, tuple[int, int]] = field(default_factory=dict)  # linears a module rule left alone: shape
     # static activation ranges by full linear name (experiments/run/activations.py), when calibrated
     act_ranges: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method: str | None = None  # what produced it: the method's name and its whole config
+    method_config: dict[str, Any] = field(default_factory=dict)
     # a whole-model stage's record (experiments/run/finetune.py: QAT's loss curve, steps, seconds)
     fine_tune: dict[str, Any] | None = None
 
@@ -160,10 +162,26 @@ def _existing_modules(model: nn.Module, paths: tuple[str, ...]) -> list[nn.Modul
     return found
 
 
+def check_one_mask_serves_all(model: nn.Module, seqlen: int) -> None:
+    """Every block is replayed with the attention mask block 0 received. Where layers attend
+    differently (Gemma 2: sliding and full, `config.layer_types`), the masks agree only while the
+    sequence fits the sliding window; refuse longer calibration windows."""
+    layer_types = set(getattr(model.config, "layer_types", None) or ())
+    window = getattr(model.config, "sliding_window", None)
+    if len(layer_types) > 1 and window is not None and seqlen > window:
+        raise ValueError(
+            f"{model.config.model_type}: its layers attend in different ways ({', '.join(sorted(layer_types))}; "
+            f"sliding window {window}) and the calibration windows have {seqlen} tokens: block 0's attention "
+            f"mask, which the driver replays for every block, would be wrong for the others. Set "
+            f"calib.seqlen <= {window}."
+        )
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, arch: Architecture, calib_ids: torch.Tensor, device: torch.device, batch_size: int
 ) -> BlockInputs:
+    check_one_mask_serves_all(model, calib_ids.shape[1])
     blocks = arch.block_list(model)
     backbone = model.get_submodule(arch.backbone)
     captured: BlockInputs = BlockInputs([], [])
@@ -202,6 +220,7 @@ class DecoderBlockView:
         self.sequential_groups = arch.sequential_groups
         self.true_sequential_default = arch.true_sequential_default
         self.scaling_groups = arch.scaling_groups
+        self.input_groups = arch.input_groups
         self.inputs = inputs
         self.n_sequences = inputs.n_sequences if inputs else 0
         self.n_tokens = inputs.n_tokens if inputs else 0
@@ -353,6 +372,7 @@ class SegmentView:
             ScalingGroup(g.prev_op, tuple(n for n in g.linears if n in self.linears), g.inspect)
             for g in view.scaling_groups if any(n in self.linears for n in g.linears)
         ]
+        self.input_groups = [tuple(n for n in g if n in self.linears) for g in view.input_groups]
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._view, attr)
@@ -407,6 +427,7 @@ def quantize_model(
     A method that `fine_tunes` (QAT) then trains the whole committed model (experiments/run/finetune.py)."""
     from tqdm.auto import tqdm
 
+    check_method_fits(arch, method)
     seconds: dict[str, float] = {}
     blocks = arch.block_list(model)
     needs_inputs = method.needs_calibration or activations is not None
@@ -475,7 +496,7 @@ def quantize_model(
             "their layer records say group_size_effective=-1", clamped[0][0],
             sum(r.group_size_effective != r.group_size for r in records), sorted({w for _, w in clamped}),
         )
-    report = QuantizationReport(records, seconds, formats, skipped, act_ranges)
+    report = QuantizationReport(records, seconds, formats, skipped, act_ranges, method.name, asdict(method.config))
     if method.fine_tunes:  # the whole-model stage (QAT) on the committed model
         from experiments.run.finetune import fine_tune_model
 

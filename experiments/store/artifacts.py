@@ -126,7 +126,8 @@ class QuantizedStore:
             self.calibration.record.data["calib"] = {**config["calib"], **calibration_source(self.run.calib.spec())}
         self._copy_to_run()
         skipped = {name: tuple(shape) for name, shape in (config.get("skipped") or {}).items()}
-        return QuantizationReport(layers, {}, formats, skipped, fine_tune=config.get("fine_tune"))
+        return QuantizationReport(layers, {}, formats, skipped, method=config.get("method"),
+                                  method_config=config.get("method_config") or {}, fine_tune=config.get("fine_tune"))
 
     # -- save ---------------------------------------------------------------------------------------
 
@@ -160,16 +161,9 @@ class QuantizedStore:
                 "spec": asdict(spec), "fingerprint": self.loaded.fingerprint,
                 "tokenizer_spec": asdict(self.run.tokenizer_model) if self.run.tokenizer_model else None,
             },
-            "method": self.method.name,
-            "method_config": asdict(self.method.config),
             "calib": self.calibration.record.data.get("calib") if self.method.needs_calibration else None,
-            "avg_bits": report.avg_bits,
             "modules": [rule.describe() for rule in self.rules],
-            "skipped": {name: list(shape) for name, shape in report.skipped.items()},
-            "records": [r.as_dict() for r in report.layers],
-            "fine_tune": report.fine_tune,
-            "timings": timings,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **describe_report(report, self.method.name, asdict(self.method.config), timings),
         }
 
     def _run_copy_path(self) -> Path:
@@ -201,6 +195,23 @@ class QuantizedStore:
         if self.source != "quantized" and self.saved_timings:
             out["quantize_timings"] = self.saved_timings  # what quantizing took when it was done
         return out
+
+
+def describe_report(report: QuantizationReport, method: str | None, method_config: dict[str, Any],
+                    timings: dict[str, float]) -> dict[str, Any]:
+    """What quantization.json says of any saved quantization: the method and its config, exact
+    avg_bits, skipped linears, the per-layer records and timings (a run adds its key, base model,
+    calibration and rules; experiments/api.py saves this alone)."""
+    return {
+        "method": method,
+        "method_config": method_config,
+        "avg_bits": report.avg_bits,
+        "skipped": {name: list(shape) for name, shape in report.skipped.items()},
+        "records": [r.as_dict() for r in report.layers],
+        "fine_tune": report.fine_tune,  # a whole-model stage's record (QAT), or None
+        "timings": timings,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 @torch.no_grad()

@@ -60,6 +60,7 @@ class FakeBlockView:
         self.sequential_groups = [["k", "v", "q"], ["o"], ["up", "gate"], ["down"]]
         self.true_sequential_default = true_sequential_default
         self.scaling_groups = ()
+        self.input_groups = ()
         self.n_sequences = inputs.shape[0]
         self.n_tokens = inputs.shape[0] * inputs.shape[1]
         self.calls: Counter[str] = Counter()
