@@ -153,7 +153,9 @@ def app(cfg: DictConfig) -> float | None:
     if sweep:
         group_by_sweep(cfg)
     try:
-        record = run_from_config(cfg, run_dir, record_refusal=sweep)
+        # progress bars on a terminal only: in a pipe or a log file the stage lines say it, and a
+        # bar's hundreds of updates could fill a pipe nobody reads yet
+        record = run_from_config(cfg, run_dir, progress=sys.stderr.isatty(), record_refusal=sweep)
     except Exception as error:
         message = user_error_message(error)
         if message is None:

@@ -154,8 +154,20 @@ def test_each_stage_logs_one_line_to_the_console_and_the_run_log(tmp_path, data_
     [evaluated] = [line for line in log if "gptq pydocs: ppl " in line]
     assert f"± {(ppl['ci_high'] - ppl['ci_low']) / 2:.2f}" in evaluated and "(6 windows," in evaluated
     assert f"record written: {run_dir / 'result.json'} (status ok)" in log[-1]
-    assert "perplexity: 100%" in done.stderr  # the perplexity pass's progress bar, over the 6 windows
-    assert "6/6" in done.stderr
+    assert "perplexity:" not in done.stderr and "blocks:" not in done.stderr  # no bars in a pipe
+
+
+def test_the_perplexity_pass_shows_a_progress_bar_over_its_windows(tmp_path, data_dir, capsys, monkeypatch):
+    """On a terminal (`progress`), beside the block driver's bar."""
+    from experiments.run.cli import run_from_config
+    from tests.conftest import compose_config
+
+    monkeypatch.setenv("QUANTLAB_CACHE_DIR", str(_cache(tmp_path)))
+    run_from_config(compose_config(*BASE), tmp_path / "run", progress=True)
+    err = capsys.readouterr().err
+    assert "rtn: blocks: 100%" in err and "2/2" in err
+    bars = [part for part in err.split("\r") if part.startswith("perplexity: 100%")]
+    assert len(bars) >= 2 and all("6/6" in bar for bar in bars), err  # the baseline's pass and the model's
 
 
 def test_a_run_that_fails_after_it_started_keeps_its_failed_record(tmp_path, data_dir):
