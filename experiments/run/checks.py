@@ -9,7 +9,9 @@ exits 2. `check_top_level` runs inside `schema.validate` (the typed groups need 
 
 from __future__ import annotations
 
+import difflib
 import functools
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,30 @@ def known_top_level_keys() -> frozenset[str]:
     return frozenset((groups | keys | set(FLAGS) | set(RECORDED) | {"hydra"}) - {"experiment", "hparams_search", "local", "_self_"})
 
 
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate nearest to a mistyped word, or None when none is near: difflib's similarity
+    (at least 0.6), less a little per letter of length difference, so `modle` finds `model`
+    rather than `modules`."""
+    word = str(word)
+
+    def score(candidate: str) -> float:
+        return difflib.SequenceMatcher(None, word, candidate).ratio() - 0.05 * abs(len(candidate) - len(word))
+
+    near = difflib.get_close_matches(word, [str(c) for c in candidates], n=5, cutoff=0.6)
+    return max(near, key=score) if near else None
+
+
+def unknown_key_message(key: str, valid: Iterable[str], owner: str) -> str:
+    """`key` (dotted, as typed on the command line) is no key of its parent, a section of the
+    group `owner` (e.g. `method=gptq`): the message names the closest valid key and all of them."""
+    valid = sorted(set(valid))
+    parent, _, leaf = key.rpartition(".")
+    where = parent if "." in parent else owner  # a nested section (eval.ppl) by its path
+    match = closest(leaf, valid)
+    hint = f"; did you mean {parent + '.' if parent else ''}{match}?" if match else "."
+    return f"{key} is not a key of {where}{hint} Valid keys of {where}: {', '.join(valid)}"
+
+
 def _path_component(value: Any, key: str) -> None:
     """name and sweep_name become directory names: one plain component, inside the output folder."""
     text = str(value)
@@ -50,14 +76,21 @@ def _path_component(value: Any, key: str) -> None:
         )
 
 
+def top_level_key_message(unknown: list[str]) -> str:
+    """Unknown top-level keys: the closest valid one for each, and all of them."""
+    valid = sorted(known_top_level_keys() - {"hydra", *RECORDED})
+    hints = [f"{key} -> {match}" for key in unknown if (match := closest(key, valid))]
+    return (
+        f"unknown top-level key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: a typo? "
+        + (f"Did you mean: {', '.join(hints)}? " if hints else "")
+        + f"Valid: {', '.join(valid)}. Group knobs go under their group (e.g. method.damp, eval.ppl.seqlen)"
+    )
+
+
 def check_top_level(resolved: dict[str, Any]) -> None:
     unknown = sorted(set(resolved) - known_top_level_keys())
     if unknown:
-        valid = ", ".join(sorted(known_top_level_keys() - {"hydra", *RECORDED}))
-        raise ConfigError(
-            f"unknown top-level key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: a typo? "
-            f"Valid: {valid}. Group knobs go under their group (e.g. method.damp, eval.ppl.seqlen)"
-        )
+        raise ConfigError(top_level_key_message(unknown))
     for key in INT_KEYS:
         value = resolved.get(key)
         if isinstance(value, bool) or not isinstance(value, int):

@@ -43,10 +43,12 @@ def load_group_option(group: str, name: str) -> DictConfig:
     """One option of a config group, read directly (not through the defaults list)."""
     path = CONF_DIR / group / f"{name}.yaml"
     if not path.is_file():
+        from experiments.run.checks import closest
         from methods.base import ConfigError
 
         valid = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-        raise ConfigError(f"{name!r} names no option of config group {group!r}; valid: {', '.join(valid)}")
+        hint = f" (did you mean {match!r}?)" if (match := closest(name, valid)) else ""
+        raise ConfigError(f"{name!r} names no option of config group {group!r}{hint}; valid: {', '.join(valid)}")
     return OmegaConf.load(path)
 
 
@@ -75,12 +77,14 @@ def check_config(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[A
 
 
 def run_from_config(
-    cfg: DictConfig, run_dir: Path, progress: bool = True, overrides: list[str] | None = None
+    cfg: DictConfig, run_dir: Path, progress: bool = True, overrides: list[str] | None = None,
+    record_refusal: bool = False,
 ) -> dict[str, Any]:
-    """Validate, then execute; a config error still leaves a failed record in the run directory.
-    A run directory that already holds an ok record of the same configuration and the same data
-    (content fingerprints, not paths) is not run again (re-running a sweep resumes it) unless the
-    config says `force: true`."""
+    """Validate, then execute. A refused config (a config or data error) writes nothing, unless
+    `record_refusal` (a sweep's job: its index lists it as failed). A run that fails after it
+    started leaves a failed record. A run directory that already holds an ok record of the same
+    configuration and the same data (content fingerprints, not paths) is not run again
+    (re-running a sweep resumes it) unless the config says `force: true`."""
     from experiments.records.record import RunRecord, finished_record, read_result
     from experiments.run.flow import execute
 
@@ -94,7 +98,7 @@ def run_from_config(
             finished = read_result(run_dir).get("status") == "ok"
         except (OSError, ValueError):
             finished = False
-        if not finished:
+        if record_refusal and not finished:
             RunRecord(run_dir, container).finish_failed(error)
         raise
     container["data_fingerprints"] = data  # part of the config hash: resume is keyed by the data's content
@@ -140,6 +144,7 @@ def app(cfg: DictConfig) -> float | tuple[float, ...] | None:
         run_rows,
     )
     from experiments.records.tracking import group_by_sweep
+    from experiments.run.callbacks import remove_if_made
     from experiments.run.objective import objective
     from methods.base import ConfigError
 
@@ -149,7 +154,9 @@ def app(cfg: DictConfig) -> float | tuple[float, ...] | None:
     if sweep:
         group_by_sweep(cfg)
     try:
-        record = run_from_config(cfg, run_dir)
+        # progress bars on a terminal only: in a pipe or a log file the stage lines say it, and a
+        # bar's hundreds of updates could fill a pipe nobody reads yet
+        record = run_from_config(cfg, run_dir, progress=sys.stderr.isatty(), record_refusal=sweep)
     except Exception as error:
         message = user_error_message(error)
         if message is None:
@@ -160,6 +167,8 @@ def app(cfg: DictConfig) -> float | tuple[float, ...] | None:
         if isinstance(error, ConfigError):
             kind = "data error" if isinstance(error, DataError) else "config error"
         print(f"quantlab: {kind}: {message}", file=sys.stderr)
+        if not sweep and not (run_dir / "result.json").is_file():  # refused before it started
+            remove_if_made(run_dir)  # no run directory left behind
         if (run_dir / "result.json").is_file():
             print(f"quantlab: the run's record is {run_dir / 'result.json'}", file=sys.stderr)
         if sweep:  # the sweep's other jobs still run; its index lists this one as failed
@@ -222,7 +231,10 @@ def output_folder_problem(argv: list[str]) -> str | None:
 
 
 def main() -> None:
+    """`quantlab`: the command line checked for what Hydra would refuse without guidance (a
+    folder it cannot make, a mistyped key or option) before Hydra makes a run directory."""
     from experiments.run.objective import missing_search_plugin
+    from experiments.run.overrides import override_problem
 
     problem = output_folder_problem(sys.argv[1:])
     if problem:
@@ -233,6 +245,10 @@ def main() -> None:
     if problem:
         print(f"quantlab: error: {problem}", file=sys.stderr)
         sys.exit(1)
+    typo = override_problem(sys.argv[1:])
+    if typo:
+        print(f"quantlab: config error: {typo}", file=sys.stderr)
+        sys.exit(2)
     app()
 
 

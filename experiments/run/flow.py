@@ -5,6 +5,7 @@ Everything here is plain Python on a validated `RunConfig`; Hydra stays in exper
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -37,6 +38,7 @@ from kernels.linear import model_weight_bytes
 from methods import get_method_class
 from methods.base import ConfigError, Method
 
+log = logging.getLogger(__name__)
 EVAL_CODE_VERSION = 1  # bump when the perplexity computation changes: invalidates cached baselines
 KV_MEMORY_TOKENS = (2048, 8192)  # context lengths at which the KV cache's stored bytes are measured
 
@@ -65,6 +67,14 @@ def kv_record(run: RunConfig, model: torch.nn.Module) -> tuple[float, dict[str, 
     return memory[str(KV_MEMORY_TOKENS[0])]["bits_per_element"], entry
 
 
+def log_perplexity(label: str, result: dict[str, Any], note: str = "") -> None:
+    """One console and log-file line per evaluated dataset: perplexity with its 95% interval."""
+    from experiments.records.reporting.tables import format_interval
+
+    value = format_interval(result["value"], result.get("ci_low"), result.get("ci_high"), 2)
+    log.info("%s: ppl %s (%d windows, %.1f s%s)", label, value, result["n_windows"], result["seconds"], note)
+
+
 def _eval_sets(loaded: LoadedModel, run: RunConfig) -> dict[str, Any]:
     """Tokenized once per (text, tokenizer, seqlen, windows) on this machine, then read from the cache."""
     ppl = run.eval.ppl
@@ -74,12 +84,15 @@ def _eval_sets(loaded: LoadedModel, run: RunConfig) -> dict[str, Any]:
     }
 
 
-def _baseline(loaded: LoadedModel, run: RunConfig, sets: dict[str, Any], record: RunRecord) -> dict[str, dict]:
+def _baseline(
+    loaded: LoadedModel, run: RunConfig, sets: dict[str, Any], record: RunRecord, progress: bool = False
+) -> dict[str, dict]:
     """Full-precision perplexity per dataset, computed once per (model, eval protocol) and cached."""
     cache = Cache("baseline", root=run.paths.cache_path)
     results: dict[str, dict] = {}
     seconds = 0.0
     for dataset, windows in sets.items():
+        before = seconds
         key = {
             "model": loaded.fingerprint, "dtype": str(next(loaded.model.parameters()).dtype),
             "device": loaded.device.type, "protocol": windows.protocol, "eval_code": EVAL_CODE_VERSION,
@@ -87,12 +100,14 @@ def _baseline(loaded: LoadedModel, run: RunConfig, sets: dict[str, Any], record:
 
         def compute(windows=windows) -> dict:
             nonlocal seconds
-            result = perplexity(loaded.model, loaded.architecture, windows.input_ids, run.eval.ppl.batch_size)
+            result = perplexity(loaded.model, loaded.architecture, windows.input_ids, run.eval.ppl.batch_size,
+                                progress=progress)
             seconds += result.seconds
             return result.as_dict()
 
         # locked: parallel sweep workers wait for the one computing it instead of computing it too
         results[dataset] = cache.get_or_compute_json(key, compute)
+        log_perplexity(f"baseline {dataset}", results[dataset], "" if seconds > before else ", cached")
     record.data["timings"]["baseline_eval_s"] = seconds
     return results
 
@@ -149,6 +164,10 @@ class _Calibration:
             self.record.data["calib"] = {
                 **self.record.data["calib"], "n_sequences": n_sequences, "seqlen_used": seqlen_used
             }
+            calib = self.run.calib
+            log.info("calibration: %d sequences x %d tokens of %s (seed %d), %.1f s", n_sequences, seqlen_used,
+                     calib.path if calib.source == "custom" else calib.dataset, calib.seed,
+                     self.record.data["timings"]["calib_data_s"])
         return self.ids
 
     def block_inputs(self, loaded: LoadedModel) -> tuple[Any, float]:
@@ -242,11 +261,12 @@ def _quantize_and_evaluate(
         else:
             observer = zeroshot_and_kl.kl_observer(extras, dataset)  # KL inside the perplexity pass
             metrics[dataset] = perplexity(
-                model, arch, windows.input_ids, run.eval.ppl.batch_size, observer=observer,
+                model, arch, windows.input_ids, run.eval.ppl.batch_size, progress=progress, observer=observer,
                 chunk=run.kv.chunk if kv is not None else None, kv=kv,
             ).as_dict()
             if observer is not None:
                 kl[dataset] = observer.result()
+        log_perplexity(f"{method.name} {dataset}", metrics[dataset], "" if changes_model else ", the baseline's")
         metrics[dataset]["vs_baseline"] = paired_delta(metrics[dataset]["window_nll"], baseline[dataset]["window_nll"])
     timings["eval_s"] = time.perf_counter() - start
     zeroshot = zeroshot_and_kl.evaluate(model, loaded.tokenizer, run, extras, changes_model, run_dir, label)
@@ -359,7 +379,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
         sets = _eval_sets(loaded, run)
         record.data["eval_protocol"] = {"ppl": {ds: w.protocol for ds, w in sets.items()}}
         place_for_eval(model, loaded.architecture, loaded.device)
-        baseline = _baseline(loaded, run, sets, record)
+        baseline = _baseline(loaded, run, sets, record, progress)
         record.data["baseline"]["ppl"] = baseline
         extras = zeroshot_and_kl.compute_baseline(loaded, run, sets, tasks, record)
         calibration = _Calibration(run, loaded.tokenizer, record)

@@ -404,6 +404,30 @@ def clamped_group_size(group_size: int | None, in_features: int) -> int | None:
     return -1 if group_size is not None and group_size != -1 and group_size > in_features else group_size
 
 
+def _progress(total: int, desc: str, enabled: bool):
+    """range(total) under a tqdm bar (when enabled); log lines meanwhile go through tqdm.write, so
+    the bar stays one line below them."""
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    if not enabled:
+        yield from range(total)
+        return
+    with logging_redirect_tqdm():
+        yield from tqdm(range(total), desc=desc)
+
+
+def block_summary(seconds: float, records: Sequence[LayerRecord]) -> str:
+    """A block's line: its seconds, and its linears' mean loss as the method reports it (the
+    solvers' `loss`: GPTQ, OWQ, SliM-LLM), else their mean relative weight error."""
+    losses = [r.info["loss"] for r in records if isinstance(r.info.get("loss"), (int, float))]
+    what, values = ("mean loss", losses) if records and len(losses) == len(records) else (
+        "mean rel. weight error", [r.rel_weight_error for r in records])
+    if not values:
+        return f"{seconds:.1f} s, no linear quantized"
+    return f"{seconds:.1f} s, {what} {sum(values) / len(values):.4g} over {len(values)} linears"
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -425,7 +449,6 @@ def quantize_model(
     way (experiments/run/activations.py says which inputs the observers see); they land in
     `act_ranges`. Then even a data-free method's run propagates the calibration inputs.
     A method that `fine_tunes` (QAT) then trains the whole committed model (experiments/run/finetune.py)."""
-    from tqdm.auto import tqdm
 
     check_method_fits(arch, method)
     seconds: dict[str, float] = {}
@@ -451,8 +474,8 @@ def quantize_model(
         assert all(getattr(other, a) == getattr(method, a) for a in RUN_WIDE), f"modules[{rule_index}]"
     act_ranges: dict[str, dict[str, Any]] = {}
     method_s = forward_s = 0.0
-    for index in tqdm(range(len(blocks)), desc=f"{method.name}: blocks", disable=not progress):
-        block = blocks[index]
+    for index in _progress(len(blocks), f"{method.name}: blocks", progress):
+        block, block_start, first_record = blocks[index], time.perf_counter(), len(records)
         with _on_device([block], device):
             view = DecoderBlockView(index, f"{arch.blocks}.{index}", block, arch, inputs)
             view.keep_residuals = activations is None
@@ -485,6 +508,8 @@ def quantize_model(
                 act_ranges.update(observers.ranges(view.name))
             records.extend(view.records)
             formats.update(view.formats)
+            log.info("%s: block %d/%d (%s): %s", method.name, index + 1, len(blocks), view.name,
+                     block_summary(time.perf_counter() - block_start, records[first_record:]))
     seconds["method_s"] = method_s
     seconds["block_forward_s"] = forward_s  # observer updates included
     if activations is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 import methods
 from experiments.data.calibration import CalibrationSpec, join_separator
@@ -20,7 +20,7 @@ from experiments.data.custom import TextSource
 from experiments.data.protocols import EVAL_DATASETS
 from experiments.models.loading import DTYPES, ModelSpec
 from experiments.run import allocation as allocation_
-from experiments.run.checks import check_calib, check_top_level
+from experiments.run.checks import check_calib, check_top_level, unknown_key_message
 from experiments.run.module_rules import ModuleRule, parse_rules
 from experiments.run.sensitivity import SensitivityConfig
 from experiments.run.sensitivity import check_config as check_sensitivity
@@ -270,6 +270,33 @@ class RunConfig:
     kv: KVConfig = field(default_factory=KVConfig)
 
 
+# the typed schema of each config group but `method` (each method registers its own)
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelSpec, "calib": CalibConfig, "eval": EvalConfig, "logger": LoggerConfig, "paths": PathsConfig,
+    "export": ExportConfig, "act": ActConfig, "observer": ObserverConfig, "expected": ExpectedConfig,
+}
+
+
+def group_schema(group: str, section: Any) -> type | None:
+    """The dataclass a group's section is merged into; for `method`, the named method's config."""
+    if group != "method":
+        return GROUP_SCHEMAS.get(group)
+    name = section.get("name") if isinstance(section, (dict, DictConfig)) else None
+    try:
+        return methods.get_method_class(str(name)).config_class
+    except Exception:  # noqa: BLE001 - an unknown method is reported by validate_method
+        return None
+
+
+def schema_keys(schema: type, path: str = "") -> list[str] | None:
+    """The keys `schema` takes at the dotted `path` inside it (e.g. eval's `ppl`), or None where
+    the schema has no fixed keys there."""
+    node: Any = OmegaConf.structured(schema)
+    for part in filter(None, path.split(".")):
+        node = node.get(part) if isinstance(node, DictConfig) and part in node else None
+    return sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) and node.keys() else None
+
+
 def _typed(schema: type, section: Any, group: str) -> Any:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), section)
@@ -277,7 +304,15 @@ def _typed(schema: type, section: Any, group: str) -> Any:
     except OmegaConfBaseException as error:
         message = str(error.msg if hasattr(error, "msg") else error).splitlines()[0]
         key = getattr(error, "full_key", None)
-        where = f" key {group.split('/')[0]}.{key}" if key else ""
+        name = group.split("/")[0]
+        if isinstance(error, ConfigKeyError) and key:  # a typo: name the valid keys and the closest one
+            parent = str(key).rpartition(".")[0]
+            valid = schema_keys(schema, parent)
+            if valid is not None:
+                owner = group.replace("/", "=") if name == "method" else name
+                extra = ["name"] if name == "method" and not parent else []
+                raise ConfigError(unknown_key_message(f"{name}.{key}", valid + extra, owner)) from None
+        where = f" key {name}.{key}" if key else ""
         raise ConfigError(f"config group {group!r}{where}: {message}") from None
 
 

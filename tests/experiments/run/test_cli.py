@@ -79,10 +79,14 @@ def test_fp16_run_reports_the_baseline_itself(tmp_path, isolated_cache):
     assert record["metrics"]["ppl"]["pydocs"]["value"] == record["baseline"]["ppl"]["pydocs"]["value"]
 
 
-def test_config_error_leaves_a_failed_record(tmp_path):
+def test_a_refused_config_writes_no_record_unless_asked(tmp_path):
+    """A refusal is a message, not a run; a sweep's job asks for its failed record (the index lists it)."""
     with pytest.raises(ConfigError):
         run_from_config(compose_config(*TINY, "bits=1"), tmp_path / "bad", progress=False)
-    record = json.loads((tmp_path / "bad" / "result.json").read_text())
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ConfigError):
+        run_from_config(compose_config(*TINY, "bits=1"), tmp_path / "job", progress=False, record_refusal=True)
+    record = json.loads((tmp_path / "job" / "result.json").read_text())
     assert record["status"] == "failed" and "bits=1" in record["error"]
 
 
@@ -129,7 +133,7 @@ def test_cli_config_error_exits_2_with_the_message(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "cannot quantize to bits=9" in err
-    assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "result.json").exists()  # refused: no record (tests/experiments/run/test_guidance.py)
 
 
 def test_compare_with_runs_other_methods_on_the_same_windows(tmp_path, isolated_cache):

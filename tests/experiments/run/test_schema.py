@@ -61,14 +61,14 @@ def test_unknown_choice_lists_the_valid_ones():
     [
         (["bits=1"], r"method 'rtn' cannot quantize to bits=1; valid: 2, 3, 4, 5, 6, 7, 8"),
         (["group_size=0"], r"group_size=0 is invalid"),
-        (["+method.damp=0.1"], r"config group 'method/rtn'.*damp"),
+        (["+method.damp=0.1"], r"method.damp is not a key of method=rtn. Valid keys of method=rtn: bits, "),
         (["method.sym=maybe"], r"config group 'method/rtn'"),
         (["eval.ppl.datasets=[wikitext3]"], r"wikitext3.*choose one of: wikitext2"),
         (["calib.nsamples=0"], r"calib.nsamples=0 must be a positive integer"),
         (["calib.dataset=imagenet"], r"calib.dataset='imagenet' is not valid"),
         (["model.source=ftp"], r"model.source='ftp' is not valid; choose one of: hub"),
         (["model.dtype=float8"], r"model.dtype='float8'"),
-        (["+model.colour=red"], r"config group 'model'"),
+        (["+model.colour=red"], r"model.colour is not a key of model. Valid keys of model: device, "),
     ],
 )
 def test_bad_configs_fail_with_a_clear_message(overrides, message):
