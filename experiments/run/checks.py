@@ -10,14 +10,13 @@ exits 2. `check_top_level` runs inside `schema.validate` (the typed groups need 
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from experiments.run.cli import CONF_DIR
 from methods.base import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # keys a run may carry besides those of conf/config.yaml: `+force=true` redoes finished runs of
 # a sweep, `+skip_invalid=true` runs a sweep's valid jobs and records the invalid ones as failed
 FLAGS = ("force", "skip_invalid")
