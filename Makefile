@@ -52,7 +52,7 @@ bench: setup
 		$(BIN)/python -m experiments.benchmarks.$(BENCH) $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/ruff check methods experiments kernels tests
+	$(BIN)/ruff check methods experiments kernels quantlab tools tests setup.py
 
 clean:
 	rm -rf $(VENV) outputs multirun wandb .pytest_cache
