@@ -69,7 +69,11 @@ def venv(wheel, tmp_path_factory) -> Path:
     """A fresh venv holding only the wheel; this environment's third-party packages are reachable
     through a .pth file, which adds their folder without running its .pth files (so an editable
     quantlab there does not leak the source tree in)."""
-    root = tmp_path_factory.mktemp("venv") / "venv"
+    project = tmp_path_factory.mktemp("project")  # a user's git repository keeping its venv inside
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(project)]
+    subprocess.run([*git, "init", "-q"], check=True, timeout=60)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "a project"], check=True, timeout=60)
+    root = project / ".venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=300)
     python = root / "bin" / "python"
     own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -115,3 +119,4 @@ def test_a_quickstart_runs_from_another_directory(venv, tmp_path, data_dir):
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     assert record["status"] == "ok" and record["model"]["name"] == "tiny-llama"
     assert record["metrics"]["ppl"]["pydocs"]["value"] > 0
+    assert record["git_commit"] is None  # not the commit of the project the venv sits in
