@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -53,7 +53,7 @@ bench: setup
 		$(BIN)/python -m experiments.benchmarks.$(BENCH) $(BENCH_ARGS)
 
 lint: setup
-	$(BIN)/ruff check methods experiments kernels tests
+	$(BIN)/ruff check methods experiments kernels quantlab tools tests setup.py
 
 clean:
 	rm -rf $(VENV) outputs multirun wandb .pytest_cache

@@ -83,6 +83,10 @@ def library_versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit ("-dirty" with uncommitted changes); None for an installed wheel, whose
+    folder may sit inside some other project's repository (a .venv in a project)."""
+    if not (REPO_ROOT / "setup.py").is_file():
+        return None
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=True

@@ -12,15 +12,14 @@ from __future__ import annotations
 import difflib
 import functools
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from experiments.run.cli import CONF_DIR
 from experiments.run.objective import check_objectives
 from methods.base import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # keys a run may carry besides those of conf/config.yaml: `+force=true` redoes finished runs of
 # a sweep, `+skip_invalid=true` runs a sweep's valid jobs and records the invalid ones as failed
 FLAGS = ("force", "skip_invalid")

@@ -12,6 +12,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+# quantlab's own config groups: conf/ at the repository root, shipped in a wheel as quantlab/conf,
+# beside quantlab/experiments, so the same relative path finds both.
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Sweep run directories are named by their overrides; `experiment=smollm2/gptq_vs_rtn` must not
 # become two nested directories. Registered at import, so launcher workers (joblib, submitit)
@@ -39,17 +41,47 @@ def _raise_interrupted(signum: int, _frame: Any) -> None:
     raise Interrupted(f"received signal {signal.Signals(signum).name}")
 
 
+def config_search_path() -> Any:
+    """Hydra's config search path in effect: a running Hydra app's (its --config-dir,
+    --config-path and hydra.searchpath included), else the one of an open
+    `initialize_config_dir` / `initialize` block, else the one `quantlab` starts with."""
+    from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        sources = [(s.provider, f"{s.schema}://{s.path}") for s in HydraConfig.get().runtime.config_sources]
+    except ValueError:  # not inside a Hydra app
+        if not GlobalHydra.instance().is_initialized():
+            return create_config_search_path(str(CONF_DIR))
+        sources = [(s.provider, f"{s.scheme()}://{s.path}") for s in GlobalHydra.instance().config_loader().get_sources()]
+    search_path = ConfigSearchPathImpl()
+    for provider, path in sources:
+        search_path.append(provider, path)
+    return search_path
+
+
 def load_group_option(group: str, name: str) -> DictConfig:
-    """One option of a config group, read directly (not through the defaults list)."""
-    path = CONF_DIR / group / f"{name}.yaml"
-    if not path.is_file():
+    """One option of a config group as Hydra finds it on the search path (a user's config dir
+    may add or shadow options), read as written: not composed into the run's config, so its
+    interpolations (`${bits}`) resolve against the run that borrows it."""
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # registers the config source types (file://, pkg://) the repository reads
+    repository = ConfigRepository(config_search_path())
+    found = repository.load_config(f"{group}/{name}")
+    if found is None:
         from experiments.run.checks import closest
         from methods.base import ConfigError
 
-        valid = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        valid = repository.get_group_options(group)
         hint = f" (did you mean {match!r}?)" if (match := closest(name, valid)) else ""
-        raise ConfigError(f"{name!r} names no option of config group {group!r}{hint}; valid: {', '.join(valid)}")
-    return OmegaConf.load(path)
+        raise ConfigError(
+            f"{name!r} names no option of config group {group!r}{hint}; valid: {', '.join(valid) or '(none)'} "
+            "(a config dir of your own adds options: --config-dir DIR or hydra.searchpath=[file://DIR])"
+        )
+    return OmegaConf.create(OmegaConf.to_container(found.config))
 
 
 def _task_overrides() -> list[str] | None:
