@@ -50,7 +50,7 @@ BENCH ?= evaluator
 bench: setup
 	QUANTLAB_DATA_DIR=$${QUANTLAB_DATA_DIR:-$(abspath ../shared/data)} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 	WANDB_MODE=$${WANDB_MODE:-offline} \
-		$(BIN)/python -m experiments.benchmarks.$(BENCH) $(BENCH_ARGS)
+		$(BIN)/python -m quantlab.experiments.benchmarks.$(BENCH) $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check methods experiments kernels quantlab tools tests setup.py

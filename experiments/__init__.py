@@ -13,7 +13,7 @@ one sub-package per stage of the flow, each opening with a docstring that says w
 - `export/`: a saved quantized model written in other projects' formats (`quantlab-export`);
 - `benchmarks/`: `make bench`, figures rather than tests.
 
-The Python API (experiments/api.py) is importable from here: `from experiments import quantize,
+The Python API (experiments/api.py) is importable from here: `from quantlab.experiments import quantize,
 perplexity, save, load` (loaded on first use, so the CLI's light modules do not import torch for it).
 """
 
@@ -22,7 +22,7 @@ API = ("QuantizationReport", "load", "perplexity", "quantize", "save")
 
 def __getattr__(name: str):
     if name in API:
-        from experiments import api
+        from quantlab.experiments import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'experiments' has no attribute {name!r}")

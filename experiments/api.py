@@ -1,6 +1,6 @@
 """The Python API: quantize an in-memory transformers model without Hydra, then evaluate or save it.
 
-    from experiments import quantize, perplexity, save, load
+    from quantlab.experiments import quantize, perplexity, save, load
     report = quantize(model, "gptq", bits=4, group_size=128, calibration=ids, act_order=True)
     perplexity(model, windows).value, report.avg_bits
     save(model, report, "out/", tokenizer)
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.evaluation.perplexity import PerplexityResult
-from experiments.models.adapters import resolve_architecture
-from experiments.run.pipeline import QuantizationReport, quantize_model
-from methods.base import ConfigError
+from quantlab.experiments.evaluation.perplexity import PerplexityResult
+from quantlab.experiments.models.adapters import resolve_architecture
+from quantlab.experiments.run.pipeline import QuantizationReport, quantize_model
+from quantlab.methods.base import ConfigError
 
 __all__ = ["QuantizationReport", "load", "perplexity", "quantize", "save"]
 
@@ -60,7 +60,7 @@ def quantize(
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> PerplexityResult:
     """Perplexity over token windows [n, seqlen] (each window alone, positions 1..L-1 predicted),
     with its 95% interval and the per-window NLLs (`.value`, `.ci_low`, `.ci_high`, `.window_nll`)."""
-    from experiments.evaluation.perplexity import perplexity as windows_perplexity
+    from quantlab.experiments.evaluation.perplexity import perplexity as windows_perplexity
 
     _check_ids(model, windows, "windows")
     return windows_perplexity(model, resolve_architecture(model), windows, batch_size, progress)
@@ -70,8 +70,8 @@ def save(model: nn.Module, report: QuantizationReport, path: str | Path, tokeniz
     """Write the quantized `model` (its linears as `report`'s packed formats, every other parameter
     as is) with quantization.json and the config (and `tokenizer`) into the folder `path`; `load`
     reads it back alone."""
-    from experiments.models.quantized import save_quantized_model
-    from experiments.store.artifacts import describe_report
+    from quantlab.experiments.models.quantized import save_quantized_model
+    from quantlab.experiments.store.artifacts import describe_report
 
     if not report.formats:
         raise ValueError(f"the report holds no quantized weights (method {report.method!r}): nothing to save")
@@ -88,7 +88,7 @@ def load(path: str | Path, backend: str = "fake", device: str | torch.device = "
     """(model, tokenizer or None, quantization.json) from a folder `save` (or a run's save_model)
     wrote. `backend`: "fake" (dense dequantized weights, bit for bit the in-memory model) or
     "packed" (QuantLinear modules holding the low-bit tensors)."""
-    from experiments.models.quantized import load_quantized_model
+    from quantlab.experiments.models.quantized import load_quantized_model
 
     model, tokenizer, info = load_quantized_model(Path(path), device=device, backend=backend)
     if info.get("attn_implementation"):  # the attention the model was quantized and evaluated with
@@ -99,9 +99,9 @@ def load(path: str | Path, backend: str = "fake", device: str | torch.device = "
 def _method(name: str, bits: int, group_size: int, knobs: dict[str, Any]):
     """The registered method `name` with a validated config; unknown names and knobs are refused
     with the valid ones (and the closest match) named."""
-    from experiments.run import allocation_files
-    from experiments.run.schema import validate_method
-    from methods import get_method_class
+    from quantlab.experiments.run import allocation_files
+    from quantlab.experiments.run.schema import validate_method
+    from quantlab.methods import get_method_class
 
     method_class = get_method_class(name)  # an unknown name lists the valid ones
     if method_class.runtime is not None:

@@ -16,12 +16,12 @@
 - `int8`: `Int8Linear`, W8A8 through torch._int_mm on the CPU, and its `benchmark`.
 """
 
-from kernels.codebook import CodebookPartition, CodebookWeight
-from kernels.format import FORMATS, WeightFormat, format_from_packed
-from kernels.groups import contiguous_g_idx, group_bounds, num_groups, segments
-from kernels.lookup import LookupWeight
-from kernels.packing import pack_codes, packed_words, unpack_codes
-from kernels.uniform import QuantizedWeight, UniformWeight
+from quantlab.kernels.codebook import CodebookPartition, CodebookWeight
+from quantlab.kernels.format import FORMATS, WeightFormat, format_from_packed
+from quantlab.kernels.groups import contiguous_g_idx, group_bounds, num_groups, segments
+from quantlab.kernels.lookup import LookupWeight
+from quantlab.kernels.packing import pack_codes, packed_words, unpack_codes
+from quantlab.kernels.uniform import QuantizedWeight, UniformWeight
 
 __all__ = [
     "FORMATS",

@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from kernels import grid as grids
+from quantlab.kernels import grid as grids
 
 Granularity = Literal["per_tensor", "per_token"]
 Mode = Literal["dynamic", "static"]

@@ -49,8 +49,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from kernels.format import WeightFormat, fresh
-from kernels.packing import pack_codes, packed_words, unpack_codes
+from quantlab.kernels.format import WeightFormat, fresh
+from quantlab.kernels.packing import pack_codes, packed_words, unpack_codes
 
 _PACKED_MAX_BITS = 8  # up to here indices are bitstreams; above, int16 / int32 containers
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import grid as grids
-from kernels.activations import ActivationQuantizer
+from quantlab.kernels import grid as grids
+from quantlab.kernels.activations import ActivationQuantizer
 
 INT8_GRID = grids.Grid(8, sym=True, zero_in_range=False)
 PER_TOKEN_INT8 = ActivationQuantizer(8, "per_token", sym=True)

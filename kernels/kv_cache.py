@@ -34,8 +34,8 @@ from typing import Literal
 
 import torch
 
-from kernels import grid as grids
-from kernels.packing import pack_codes, unpack_codes
+from quantlab.kernels import grid as grids
+from quantlab.kernels.packing import pack_codes, unpack_codes
 
 OFF_BITS = 16
 KV_BITS = (2, 3, 4, 5, 6, 7, 8)

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.fastpaths import FAST_PATHS, UnsupportedFormat, choose_fast_path
-from kernels.format import WeightFormat
+from quantlab.kernels.fastpaths import FAST_PATHS, UnsupportedFormat, choose_fast_path
+from quantlab.kernels.format import WeightFormat
 
 BACKENDS = ("auto", "reference", *FAST_PATHS)
 _PACKED_PREFIX = "packed_"
@@ -180,7 +180,7 @@ class QuantLinear(nn.Module):
             return self._format_cls.unpack(
                 {key: getattr(self, name) for name, key in self._packed_keys.items()}, self._format_meta
             )
-        from kernels.groups import contiguous_g_idx
+        from quantlab.kernels.groups import contiguous_g_idx
 
         meta = self._format_meta
         buffers = {name: getattr(self, name) for name in self._weight_buffers}

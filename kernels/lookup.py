@@ -47,8 +47,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from kernels.format import WeightFormat, fresh
-from kernels.packing import pack_codes, packed_words, unpack_codes
+from quantlab.kernels.format import WeightFormat, fresh
+from quantlab.kernels.packing import pack_codes, packed_words, unpack_codes
 
 CODE_BITS = 4
 

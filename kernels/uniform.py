@@ -73,9 +73,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from kernels.format import WeightFormat, fresh
-from kernels.groups import contiguous_g_idx, contiguous_g_idx_skipping
-from kernels.packing import pack_codes, packed_words, unpack_codes
+from quantlab.kernels.format import WeightFormat, fresh
+from quantlab.kernels.groups import contiguous_g_idx, contiguous_g_idx_skipping
+from quantlab.kernels.packing import pack_codes, packed_words, unpack_codes
 
 ZeroFormat = Literal["int", "float", "none"]
 GIdxLayout = Literal["contiguous", "contiguous_skipping_outliers", "explicit"]

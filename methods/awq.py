@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from methods import awq_search
-from methods.base import ConfigError, Method, MethodConfig, register
-from methods.block import BlockView, ScalingGroup
-from methods.rtn import round_to_nearest
+from quantlab.methods import awq_search
+from quantlab.methods.base import ConfigError, Method, MethodConfig, register
+from quantlab.methods.block import BlockView, ScalingGroup
+from quantlab.methods.rtn import round_to_nearest
 
 # llm-awq skips "q_" and "k_"; AutoAWQ also "query", "key" and "Wqkv" (methods.md §4.3 step 4).
 NO_CLIP_MARKERS = ("q_", "k_", "query", "key", "Wqkv")

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kernels.groups import contiguous_g_idx, segments
-from methods import quantizer
-from methods.block import ModuleCall
-from methods.rtn import fit_groups
+from quantlab.kernels.groups import contiguous_g_idx, segments
+from quantlab.methods import quantizer
+from quantlab.methods.block import ModuleCall
+from quantlab.methods.rtn import fit_groups
 
 SCALE_FLOOR = 1e-4  # the clamp on s before normalization, in both references
 DUO_EPS = 1e-4  # AutoAWQ: x^a / (w^(1-a) + 1e-4)

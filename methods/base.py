@@ -46,7 +46,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import ClassVar, Literal
 
-from methods.block import BlockView
+from quantlab.methods.block import BlockView
 
 
 class ConfigError(ValueError):

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from kernels import QuantizedWeight
+from quantlab.kernels import QuantizedWeight
 
 LinearHook = Callable[[torch.Tensor], None]  # receives a linear's input, [sequences, seqlen, in_features]
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.groups import group_bounds
+from quantlab.kernels.groups import group_bounds
 
 log = logging.getLogger(__name__)
 

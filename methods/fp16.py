@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from methods.base import Method, MethodConfig, register
-from methods.block import BlockView
+from quantlab.methods.base import Method, MethodConfig, register
+from quantlab.methods.block import BlockView
 
 
 @dataclass

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import QuantizedWeight
-from kernels.groups import group_bounds
-from methods import quantizer
-from methods.base import ConfigError, Method, MethodConfig, register
-from methods.block import BlockView
-from methods.column_solver import (
+from quantlab.kernels import QuantizedWeight
+from quantlab.kernels.groups import group_bounds
+from quantlab.methods import quantizer
+from quantlab.methods.base import ConfigError, Method, MethodConfig, register
+from quantlab.methods.block import BlockView
+from quantlab.methods.column_solver import (
     ColumnPlan,
     ColumnQuantizer,
     ColumnSolution,
@@ -29,7 +29,7 @@ from methods.column_solver import (
     HessianNotPositiveDefinite,
     solve_columns,
 )
-from methods.hessian import HessianAccumulator, collect_hessians, input_representatives
+from quantlab.methods.hessian import HessianAccumulator, collect_hessians, input_representatives
 
 FitFn = Callable[[torch.Tensor, quantizer.Grid], tuple[torch.Tensor, torch.Tensor]]
 

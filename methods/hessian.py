@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from methods.block import BlockView
+from quantlab.methods.block import BlockView
 
 SYMMETRIC_TILE = 256  # column tile for the lower-triangle Gram update
 

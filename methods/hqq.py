@@ -33,10 +33,10 @@ from typing import ClassVar
 
 import torch
 
-from kernels import UniformWeight
-from kernels.groups import contiguous_g_idx
-from methods.base import ConfigError, Method, MethodConfig, register
-from methods.block import BlockView
+from quantlab.kernels import UniformWeight
+from quantlab.kernels.groups import contiguous_g_idx
+from quantlab.methods.base import ConfigError, Method, MethodConfig, register
+from quantlab.methods.block import BlockView
 
 
 @dataclass

@@ -14,7 +14,7 @@ QLoRA's recipe (Dettmers et al., 2023; bitsandbytes `quantize_4bit`), per linear
    the same way with bnb's signed 8-bit dynamic map in blocks of 256, keeping one fp32 absmax per
    256 blocks and the mean (QLoRA's "double quantization").
 
-Dequantization: table[code] * absmax (kernels.lookup.LookupWeight). Tested bit for bit against
+Dequantization: table[code] * absmax (quantlab.kernels.lookup.LookupWeight). Tested bit for bit against
 bitsandbytes itself (tests/methods/test_nf4.py). One difference is deliberate: on a CPU, bnb's
 native `quantize_blockwise` (step 4 only) picks the 8-bit code through a 65,536-bin lookup table
 that cannot resolve the nearest code near some midpoints; we take the exactly nearest code, as
@@ -29,9 +29,9 @@ from typing import ClassVar
 
 import torch
 
-from kernels.lookup import LookupWeight, dynamic_map, lookup_table
-from methods.base import ConfigError, Method, MethodConfig, register
-from methods.block import BlockView
+from quantlab.kernels.lookup import LookupWeight, dynamic_map, lookup_table
+from quantlab.methods.base import ConfigError, Method, MethodConfig, register
+from quantlab.methods.block import BlockView
 
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bnb's quantize_4bit accepts
 NESTED_BLOCKSIZE = 256  # bnb quantizes the absmax values in blocks of 256

@@ -51,8 +51,8 @@ import math
 
 import torch
 
-from kernels import grid as grids
-from kernels.activations import ActivationQuantizer
+from quantlab.kernels import grid as grids
+from quantlab.kernels.activations import ActivationQuantizer
 
 
 class Observer:

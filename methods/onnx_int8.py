@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from methods.base import ConfigError, Method, MethodConfig, register
-from methods.block import BlockView
+from quantlab.methods.base import ConfigError, Method, MethodConfig, register
+from quantlab.methods.block import BlockView
 
 MODES = ("dynamic", "static")
 ACTIVATION_TYPES = ("uint8", "int8")

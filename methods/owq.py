@@ -25,12 +25,12 @@ from functools import partial
 
 import torch
 
-from kernels import QuantizedWeight
-from methods import quantizer
-from methods.base import ConfigError, MethodConfig, register
-from methods.block import BlockView
-from methods.column_solver import ColumnPlan, Damping, solve_columns
-from methods.gptq import GPTQ, GridColumns, solution_info
+from quantlab.kernels import QuantizedWeight
+from quantlab.methods import quantizer
+from quantlab.methods.base import ConfigError, MethodConfig, register
+from quantlab.methods.block import BlockView
+from quantlab.methods.column_solver import ColumnPlan, Damping, solve_columns
+from quantlab.methods.gptq import GPTQ, GridColumns, solution_info
 
 # owq:model_config.json "ratios": each layer type gets about d^2 of fp16 "column budget" per block.
 # Keyed by role: a linear's last name component without "_proj" (q_proj -> q, out_proj -> out).

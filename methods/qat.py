@@ -42,10 +42,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from kernels import UniformWeight
-from kernels.grid import fake_quantize_ste, quantize
-from methods.base import ConfigError, Method, MethodConfig, get_method_class, register
-from methods.block import BlockView
+from quantlab.kernels import UniformWeight
+from quantlab.kernels.grid import fake_quantize_ste, quantize
+from quantlab.methods.base import ConfigError, Method, MethodConfig, get_method_class, register
+from quantlab.methods.block import BlockView
 
 INITS = ("rtn", "gptq", "awq")
 OPTIMIZERS = ("adam", "adamw", "sgd")

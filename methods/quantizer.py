@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.grid import (
+from quantlab.kernels.grid import (
     Grid,
     dequantize,
     fake_quantize,

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import QuantizedWeight
-from kernels.groups import contiguous_g_idx, segments
-from methods import quantizer
-from methods.base import ConfigError, Method, MethodConfig, register
-from methods.block import BlockView
+from quantlab.kernels import QuantizedWeight
+from quantlab.kernels.groups import contiguous_g_idx, segments
+from quantlab.methods import quantizer
+from quantlab.methods.base import ConfigError, Method, MethodConfig, register
+from quantlab.methods.block import BlockView
 
 
 @dataclass

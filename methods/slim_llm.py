@@ -44,14 +44,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import QuantizedWeight
-from kernels.groups import contiguous_g_idx, group_bounds
-from methods import quantizer
-from methods.base import ConfigError, Method, MethodConfig, register
-from methods.block import BlockView
-from methods.column_solver import ColumnPlan, ColumnQuantizer, Damping, inverse_hessian_chol, solve_columns
-from methods.gptq import _sync, solution_info, tf32_disabled
-from methods.hessian import collect_hessians
+from quantlab.kernels import QuantizedWeight
+from quantlab.kernels.groups import contiguous_g_idx, group_bounds
+from quantlab.methods import quantizer
+from quantlab.methods.base import ConfigError, Method, MethodConfig, register
+from quantlab.methods.block import BlockView
+from quantlab.methods.column_solver import (
+    ColumnPlan,
+    ColumnQuantizer,
+    Damping,
+    inverse_hessian_chol,
+    solve_columns,
+)
+from quantlab.methods.gptq import _sync, solution_info, tf32_disabled
+from quantlab.methods.hessian import collect_hessians
 
 SALIENCE_DAMP = 0.01  # slim:slim_gptq.py get_salience: an absolute +0.01 on diag(H), in place (quirk)
 SQC_RANGE, SQC_STEPS = 0.1, 50  # slim:utils/mixed_quantizer.py: p in 1 +- 0.1, 50 steps each way

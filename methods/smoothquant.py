@@ -33,12 +33,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from methods.awq_search import fold_scales
-from methods.base import ConfigError, Method, MethodConfig, register
-from methods.block import BlockView, ScalingGroup
-from methods.observers import MinMaxObserver
-from methods.quantizer import Grid
-from methods.rtn import round_to_nearest
+from quantlab.methods.awq_search import fold_scales
+from quantlab.methods.base import ConfigError, Method, MethodConfig, register
+from quantlab.methods.block import BlockView, ScalingGroup
+from quantlab.methods.observers import MinMaxObserver
+from quantlab.methods.quantizer import Grid
+from quantlab.methods.rtn import round_to_nearest
 
 SCALE_FLOOR = 1e-5  # smooth.py clamps both the weight maxima and the factors at 1e-5
 

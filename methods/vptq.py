@@ -22,7 +22,7 @@ gate/up share theirs, methods/hessian.py; VPTQ propagates full-precision outputs
    per-vector weights; the reference passes cuML the unaveraged [n, v] weight matrix there, which
    a per-sample weight cannot take literally), then the pass is restarted from the original W'
    with a greedy two-stage search, q = C[i1] + C_res[i2]. The outlier partition has no residual.
-8. Stored as a kernels.CodebookWeight (perm, fp16 scale / bias in original column order).
+8. Stored as a quantlab.kernels.CodebookWeight (perm, fp16 scale / bias in original column order).
 
 Precision (our decision): centroids are rounded to fp16 *before* the passes, since fp16 is what is
 stored (the reference runs its pass with fp32 cuML centroids and then stores them at the model
@@ -49,20 +49,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import CodebookPartition, CodebookWeight
-from kernels.codebook import index_bits
-from methods.base import ConfigError, Method, MethodConfig, register
-from methods.block import BlockView
-from methods.column_solver import (
+from quantlab.kernels import CodebookPartition, CodebookWeight
+from quantlab.kernels.codebook import index_bits
+from quantlab.methods.base import ConfigError, Method, MethodConfig, register
+from quantlab.methods.block import BlockView
+from quantlab.methods.column_solver import (
     ColumnPlan,
     ColumnQuantizer,
     Damping,
     HessianNotPositiveDefinite,
     solve_columns,
 )
-from methods.gptq import _sync, tf32_disabled
-from methods.hessian import collect_hessians, input_representatives
-from methods.kmeans import INITS, assign, weighted_kmeans
+from quantlab.methods.gptq import _sync, tf32_disabled
+from quantlab.methods.hessian import collect_hessians, input_representatives
+from quantlab.methods.kmeans import INITS, assign, weighted_kmeans
 
 # bits -> (vector_len, centroids, residual_centroids): P-vptq Table 8 / 10 and the README's
 # community models (2: v6 k4096, 3: v4 k4096, 4: v6 k4096 + 4096 residual).
@@ -172,7 +172,7 @@ def to_vectors(block: torch.Tensor, v: int) -> torch.Tensor:
 
 def layer_bits(out_features: int, in_features: int, cfg: VPTQConfig) -> dict[str, float]:
     """Bits per weight of one (out, in) linear under `cfg`, from its shape alone (what
-    kernels.CodebookWeight.storage_bits counts; conf/method/vptq.yaml quotes these):
+    quantlab.kernels.CodebookWeight.storage_bits counts; conf/method/vptq.yaml quotes these):
     `index` (indices only), `paper` (+ codebooks: VPTQ's count, §8), `true` (+ perm, scale, bias)."""
     v, k, k_res = cfg.codebook()
     bounds, n_outliers = partition_bounds(in_features, cfg.outlier_percent, cfg.group_num)

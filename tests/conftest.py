@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from experiments.run.cli import CONF_DIR, load_group_option  # noqa: E402
+from quantlab.experiments.run.cli import CONF_DIR, load_group_option  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -39,7 +39,7 @@ def run_quantlab(*args: str, timeout: float = 300, **env: str) -> subprocess.Com
     QUANTLAB_OUTPUT_DIR); the caller checks the exit status and output."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline", **env)
     return subprocess.run(
-        [sys.executable, "-m", "experiments.run.cli", *args],
+        [sys.executable, "-m", "quantlab.experiments.run.cli", *args],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -60,8 +60,8 @@ def data_dir() -> Path:
 
 
 def _load(name: str):
-    from experiments.models.loading import load_model
-    from experiments.run.schema import model_spec
+    from quantlab.experiments.models.loading import load_model
+    from quantlab.experiments.run.schema import model_spec
 
     spec = model_spec(load_group_option("model", name))
     borrowed = model_spec(load_group_option("model", spec.tokenizer)) if spec.tokenizer else None

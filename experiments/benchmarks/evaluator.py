@@ -31,9 +31,9 @@ def plain_transformers_ppl(model, windows: torch.Tensor, batch_size: int) -> tup
 
 
 def bench_evaluator(windows_n: int, seqlen: int, batch_size: int, repeats: int) -> None:
-    from experiments.data.protocols import eval_windows
-    from experiments.evaluation.perplexity import perplexity
-    from experiments.models.loading import ModelSpec, load_model
+    from quantlab.experiments.data.protocols import eval_windows
+    from quantlab.experiments.evaluation.perplexity import perplexity
+    from quantlab.experiments.models.loading import ModelSpec, load_model
 
     spec = ModelSpec(name="smollm2-135m", source="package_gguf", dtype="float32", device="auto")
     load_model(spec)  # make sure the converted copy exists before timing a cached load
@@ -59,11 +59,11 @@ def bench_evaluator(windows_n: int, seqlen: int, batch_size: int, repeats: int) 
 def bench_gptq(nsamples: int, seqlen: int, batch_size: int) -> None:
     """GPTQ W4 g128 on SmolLM2-135M: where the time goes, against one full-precision forward pass
     of the decoder over the same calibration set, and the memory it adds."""
-    from experiments.data.calibration import CalibrationSpec, calibration_samples
-    from experiments.models.loading import ModelSpec, load_model
-    from experiments.records.record import peak_rss_bytes
-    from experiments.run.pipeline import quantize_model
-    from methods.gptq import GPTQ, GPTQConfig
+    from quantlab.experiments.data.calibration import CalibrationSpec, calibration_samples
+    from quantlab.experiments.models.loading import ModelSpec, load_model
+    from quantlab.experiments.records.record import peak_rss_bytes
+    from quantlab.experiments.run.pipeline import quantize_model
+    from quantlab.methods.gptq import GPTQ, GPTQConfig
 
     loaded = load_model(ModelSpec(name="smollm2-135m", source="package_gguf", dtype="float32", device="auto"))
     model, arch, device = loaded.model, loaded.architecture, loaded.device
@@ -110,7 +110,7 @@ def bench_gptq(nsamples: int, seqlen: int, batch_size: int) -> None:
 def bench_quickstart() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "experiments.run.cli", "experiment=quickstart"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "quantlab.experiments.run.cli", "experiment=quickstart"], env=env,
                           capture_output=True, text=True)
     wall = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
@@ -122,7 +122,7 @@ def bench_quickstart() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.evaluator", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m quantlab.experiments.benchmarks.evaluator", description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=1)

@@ -1,12 +1,12 @@
 """The export evidence (README, "Export"): exported files read back by other loaders.
 
-    python -m experiments.benchmarks.export_evidence gguf RUN_DIR
+    python -m quantlab.experiments.benchmarks.export_evidence gguf RUN_DIR
         RUN_DIR: an RTN W4 g32 float-zero run of SmolLM2 with export=gguf. Compares the exported
         Q4_1 file with the Q4_1 file SmolLM2 ships as, block by block (codes, d, m; the blocks whose
         codes span the full range and the others, counted), and the perplexity of the exported file
         loaded through transformers' GGUF loader with the shipped file's (the run's baseline) on the
         run's windows.
-    python -m experiments.benchmarks.export_evidence checkpoints RUN_DIR
+    python -m quantlab.experiments.benchmarks.export_evidence checkpoints RUN_DIR
         RUN_DIR: a run with save_model=true (GPTQ W4 g128 in the README). Exports compressed-tensors
         and GPTQ, reloads the first through transformers + compressed-tensors and the second through
         the independent unpacker (experiments/export/readers.py), and compares weights, logits and
@@ -26,14 +26,14 @@ import torch
 
 
 def _windows(tokenizer, seqlen: int, n: int) -> torch.Tensor:
-    from experiments.data.protocols import eval_windows
+    from quantlab.experiments.data.protocols import eval_windows
 
     return eval_windows("wikitext2", tokenizer, seqlen, n).input_ids
 
 
 def _ppl(model, ids: torch.Tensor) -> float:
-    from experiments.evaluation.perplexity import perplexity
-    from experiments.models.adapters import resolve_architecture
+    from quantlab.experiments.evaluation.perplexity import perplexity
+    from quantlab.experiments.models.adapters import resolve_architecture
 
     return perplexity(model, resolve_architecture(model), ids, batch_size=1).value
 
@@ -41,8 +41,8 @@ def _ppl(model, ids: torch.Tensor) -> float:
 def gguf_blocks_report(exported: Path) -> dict:
     from gguf import GGUFReader, quants
 
-    from experiments.export.readers import decode_gguf_blocks
-    from experiments.models.loading import package_gguf_path
+    from quantlab.experiments.export.readers import decode_gguf_blocks
+    from quantlab.experiments.models.loading import package_gguf_path
 
     original = GGUFReader(package_gguf_path())
     ours = {t.name: t for t in GGUFReader(exported).tensors}
@@ -82,7 +82,7 @@ def gguf_blocks_report(exported: Path) -> dict:
 def gguf_evidence(run_dir: Path, windows: int | None, seqlen: int | None) -> dict:
     """The run's own windows (its eval protocol) unless given: the shipped file's perplexity is
     then the run's baseline, already in its record."""
-    from experiments.models.loading import ModelSpec, load_model
+    from quantlab.experiments.models.loading import ModelSpec, load_model
 
     record = json.loads((run_dir / "result.json").read_text())
     exported = Path(record["export"]["path"]) / "model.gguf"
@@ -109,10 +109,10 @@ def _logit_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def checkpoint_evidence(run_dir: Path, windows: int, seqlen: int) -> dict:
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from experiments.export import export_model
-    from experiments.export.readers import read_gptq
-    from experiments.export.source import find_saved_model
-    from experiments.models.quantized import load_formats, load_quantized_model
+    from quantlab.experiments.export import export_model
+    from quantlab.experiments.export.readers import read_gptq
+    from quantlab.experiments.export.source import find_saved_model
+    from quantlab.experiments.models.quantized import load_formats, load_quantized_model
 
     saved = find_saved_model(run_dir)
     fake, tokenizer, _ = load_quantized_model(saved, backend="fake")  # the run's fake-quant model, fp32

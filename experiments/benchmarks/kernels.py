@@ -3,9 +3,9 @@
 The quantized linears run on QuantLinear's fast paths (kernels/linear.py); the figures are weight
 bytes, prefill and decode speed, and memory.
 
-    python -m experiments.benchmarks.kernels                          # fp32, w4, w8 (~3 min on 2 cores)
-    python -m experiments.benchmarks.kernels --configs fp32 w4 --decode-tokens 32 --out kernels.json
-    python -m experiments.benchmarks.kernels --configs fp32 w4 --saved w4=outputs/some-w4-run/model
+    python -m quantlab.experiments.benchmarks.kernels                          # fp32, w4, w8 (~3 min on 2 cores)
+    python -m quantlab.experiments.benchmarks.kernels --configs fp32 w4 --decode-tokens 32 --out kernels.json
+    python -m quantlab.experiments.benchmarks.kernels --configs fp32 w4 --saved w4=outputs/some-w4-run/model
     make bench BENCH=kernels BENCH_ARGS="--out kernels.json"
 
 The parent saves W4 / W8 RTN models of SmolLM2 (save_quantized_model; `--saved CONFIG=DIR` uses a
@@ -69,9 +69,9 @@ def build_model(config: str, kernel: str, saved: str | None) -> tuple[torch.nn.M
     its model. fp32: SmolLM2 as loaded; w4 / w8: the saved quantized model `saved` (written by
     `save_rtn_model`, or any save_model=true folder), loaded with load_quantized_model, which builds
     the model on the meta device: no fp32 copy of the quantized linears is ever allocated."""
-    from experiments.models.adapters import resolve_architecture
-    from experiments.models.loading import ModelSpec, load_model
-    from experiments.models.quantized import load_quantized_model
+    from quantlab.experiments.models.adapters import resolve_architecture
+    from quantlab.experiments.models.loading import ModelSpec, load_model
+    from quantlab.experiments.models.quantized import load_quantized_model
 
     start = time.perf_counter()
     if config == "fp32":
@@ -88,10 +88,10 @@ def build_model(config: str, kernel: str, saved: str | None) -> tuple[torch.nn.M
 def save_rtn_model(config: str, directory: Path) -> Path:
     """SmolLM2 with RTN on the AWQ-paper grid (asymmetric raw min-max, integer zero) per decoder
     linear at `config`'s bits and group size, saved as a quantized model folder."""
-    from experiments.models.loading import ModelSpec, load_model
-    from experiments.models.quantized import save_quantized_model
-    from methods.quantizer import Grid
-    from methods.rtn import round_to_nearest
+    from quantlab.experiments.models.loading import ModelSpec, load_model
+    from quantlab.experiments.models.quantized import save_quantized_model
+    from quantlab.methods.quantizer import Grid
+    from quantlab.methods.rtn import round_to_nearest
 
     loaded = load_model(ModelSpec(name="smollm2-135m", source="package_gguf"))
     spec = CONFIGS[config]
@@ -167,7 +167,7 @@ def _median_seconds(fn, repeats: int, warmup=None) -> float:
 @torch.inference_mode()
 def measure(config: str, args: argparse.Namespace) -> dict[str, Any]:
     """Everything one configuration reports, in this (fresh) process."""
-    from kernels.linear import QuantLinear, consistency_check, model_weight_bytes
+    from quantlab.kernels.linear import QuantLinear, consistency_check, model_weight_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -241,7 +241,7 @@ def measure_peak_rss(config: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_child(config: str, argv: list[str], mode: str = "--child") -> dict[str, Any]:
     """One configuration in a fresh interpreter; its result is the tagged line it prints."""
-    command = [sys.executable, "-m", "experiments.benchmarks.kernels", *argv, mode, config]
+    command = [sys.executable, "-m", "quantlab.experiments.benchmarks.kernels", *argv, mode, config]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_TAG):
@@ -303,7 +303,7 @@ def report(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.benchmarks.kernels", description=__doc__.splitlines()[0]
+        prog="python -m quantlab.experiments.benchmarks.kernels", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument(

@@ -1,10 +1,10 @@
 """Where a method's quantization time goes on SmolLM2-135M, split into the stages it records per
 linear (`*_seconds` in each layer's info), optionally against another method on the same calibration.
 
-    python -m experiments.benchmarks.method_cost --method awq                  # AWQ: stats, scale, clip, quant
-    python -m experiments.benchmarks.method_cost --method slim_llm --bits 2 --against gptq --blocks 4
-    python -m experiments.benchmarks.method_cost --method vptq --bits 2 --set vector_len=6 --set centroids=1024
-    python -m experiments.benchmarks.method_cost --record outputs/runs/RUN/result.json   # a real run's record
+    python -m quantlab.experiments.benchmarks.method_cost --method awq                  # AWQ: stats, scale, clip, quant
+    python -m quantlab.experiments.benchmarks.method_cost --method slim_llm --bits 2 --against gptq --blocks 4
+    python -m quantlab.experiments.benchmarks.method_cost --method vptq --bits 2 --set vector_len=6 --set centroids=1024
+    python -m quantlab.experiments.benchmarks.method_cost --record outputs/runs/RUN/result.json   # a real run's record
 
 Stages by method: AWQ stats / scale / clip / quant; GPTQ forward / hessian / solver; SliM-LLM
 hessian / search (SBA: salience, the extra pass and its candidate quantizations) / solver (SQC and
@@ -93,7 +93,7 @@ def _parse_set(items: list[str]) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.benchmarks.method_cost", description=__doc__.splitlines()[0]
+        prog="python -m quantlab.experiments.benchmarks.method_cost", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--record", type=Path, help="split a run's result.json instead of running")
     parser.add_argument("--method", default="awq", help="a method config name (conf/method/)")
@@ -113,12 +113,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from omegaconf import OmegaConf
 
-    from experiments.data.calibration import CalibrationSpec, calibration_samples
-    from experiments.models.loading import load_model
-    from experiments.run.cli import load_group_option
-    from experiments.run.pipeline import quantize_model
-    from experiments.run.schema import model_spec, validate_method
-    from methods.base import get_method_class
+    from quantlab.experiments.data.calibration import CalibrationSpec, calibration_samples
+    from quantlab.experiments.models.loading import load_model
+    from quantlab.experiments.run.cli import load_group_option
+    from quantlab.experiments.run.pipeline import quantize_model
+    from quantlab.experiments.run.schema import model_spec, validate_method
+    from quantlab.methods.base import get_method_class
 
     def build(name: str, fields: dict[str, object]):
         section = OmegaConf.merge(load_group_option("method", name), fields)

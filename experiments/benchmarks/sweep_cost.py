@@ -4,8 +4,8 @@ runs made one at a time as separate `quantlab` processes, each with its own empt
 evaluation text, draws the calibration set, captures block 0's inputs and evaluates the fp16
 baseline itself. The multirun starts from an empty cache too, and pays for each of those once.
 
-    python -m experiments.benchmarks.sweep_cost                         # rtn,gptq,awq x 2,3,4 on SmolLM2, eval=quick
-    python -m experiments.benchmarks.sweep_cost --methods rtn,gptq --bits 3,4 --calib-nsamples 32
+    python -m quantlab.experiments.benchmarks.sweep_cost                         # rtn,gptq,awq x 2,3,4 on SmolLM2, eval=quick
+    python -m quantlab.experiments.benchmarks.sweep_cost --methods rtn,gptq --bits 3,4 --calib-nsamples 32
 
 Prints both wall times, their ratio (the issue's target: below 0.7) and checks that both ways give
 the same perplexities. Writes <workdir>/sweep_cost.json. Needs QUANTLAB_DATA_DIR (the offline
@@ -95,7 +95,7 @@ def _quantlab(overrides: list[str], cache: Path, output: Path, log: Path) -> flo
     start = time.perf_counter()
     with open(log, "w") as handle:
         done = subprocess.run(
-            [sys.executable, "-m", "experiments.run.cli", *overrides],
+            [sys.executable, "-m", "quantlab.experiments.run.cli", *overrides],
             cwd=REPO,
             env=env,
             stdout=handle,

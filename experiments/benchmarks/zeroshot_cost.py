@@ -2,7 +2,7 @@
 `--limit` items (time per task), and the quantized model's perplexity pass with KL to the
 baseline against the same pass without it (the target: under 1.5x).
 
-    python -m experiments.benchmarks.zeroshot_cost [--limit 200] [--windows 4] [--top-k 64]
+    python -m quantlab.experiments.benchmarks.zeroshot_cost [--limit 200] [--windows 4] [--top-k 64]
 
 Offline (HF_*_OFFLINE=1, QUANTLAB_DATA_DIR set) the tasks read the local data, `hellaswag` as
 `hellaswag_local`.
@@ -27,17 +27,17 @@ def main() -> None:
     parser.add_argument("--skip-tasks", action="store_true")
     args = parser.parse_args()
 
-    from experiments.data.protocols import eval_windows
-    from experiments.data.sources import data_dir
-    from experiments.evaluation.kl import KLAccumulator, TopKRecorder
-    from experiments.evaluation.perplexity import perplexity
-    from experiments.evaluation.zeroshot.runner import evaluate_tasks
-    from experiments.evaluation.zeroshot.tasks import resolve_tasks
-    from experiments.models.loading import load_model
-    from experiments.run.cli import load_group_option
-    from experiments.run.pipeline import quantize_model
-    from experiments.run.schema import model_spec
-    from methods.rtn import RTN, RTNConfig
+    from quantlab.experiments.data.protocols import eval_windows
+    from quantlab.experiments.data.sources import data_dir
+    from quantlab.experiments.evaluation.kl import KLAccumulator, TopKRecorder
+    from quantlab.experiments.evaluation.perplexity import perplexity
+    from quantlab.experiments.evaluation.zeroshot.runner import evaluate_tasks
+    from quantlab.experiments.evaluation.zeroshot.tasks import resolve_tasks
+    from quantlab.experiments.models.loading import load_model
+    from quantlab.experiments.run.cli import load_group_option
+    from quantlab.experiments.run.pipeline import quantize_model
+    from quantlab.experiments.run.schema import model_spec
+    from quantlab.methods.rtn import RTN, RTNConfig
 
     loaded = load_model(model_spec(load_group_option("model", "smollm2-135m")))
     print(f"torch threads: {torch.get_num_threads()}, device: {loaded.device}")

@@ -2,7 +2,7 @@
 results (doc ids, acc, acc_norm, each choice's log-likelihood) on the first `--limit` items of six
 tasks, ours against lm-eval's built-in YAML pointed at the same data in the hub's fields.
 
-    python -m experiments.benchmarks.zeroshot_parity [--limit 100]
+    python -m quantlab.experiments.benchmarks.zeroshot_parity [--limit 100]
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     args = parser.parse_args()
 
-    from experiments.data.sources import data_dir
-    from experiments.evaluation.zeroshot.parity import compare_on_model
-    from experiments.models.loading import load_model
-    from experiments.run.cli import load_group_option
-    from experiments.run.schema import model_spec
+    from quantlab.experiments.data.sources import data_dir
+    from quantlab.experiments.evaluation.zeroshot.parity import compare_on_model
+    from quantlab.experiments.models.loading import load_model
+    from quantlab.experiments.run.cli import load_group_option
+    from quantlab.experiments.run.schema import model_spec
 
     loaded = load_model(model_spec(load_group_option("model", "smollm2-135m")))
     start = time.perf_counter()

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from experiments.evaluation.statistics import t_quantile_975
+from quantlab.experiments.evaluation.statistics import t_quantile_975
 
 KL_CODE_VERSION = 2  # bump when the summary or the estimator changes: invalidates cached summaries
 LOWER_BOUND = "topk_tail_lower_bound"
@@ -203,7 +203,7 @@ def baseline_summary(
 ) -> tuple[TopKSummary, float]:
     """The baseline's top-k summary of the first `n_windows` windows, from the cache or from one
     perplexity pass of the baseline (the first time only); returns it and the seconds spent."""
-    from experiments.evaluation.perplexity import perplexity
+    from quantlab.experiments.evaluation.perplexity import perplexity
 
     spent = 0.0
 

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.evaluation.perplexity import LOGIT_SLICE, summarize
-from experiments.evaluation.statistics import paired_delta
-from experiments.run.pipeline import LayerRecord
-from experiments.store.cache import build_dir_once, key_hash
+from quantlab.experiments.evaluation.perplexity import LOGIT_SLICE, summarize
+from quantlab.experiments.evaluation.statistics import paired_delta
+from quantlab.experiments.run.pipeline import LayerRecord
+from quantlab.experiments.store.cache import build_dir_once, key_hash
 
 EXPORT_FILE = "model.onnx"
 REQUIRED = ("onnxruntime", "onnx", "onnxscript")  # onnxscript: torch's dynamo ONNX exporter

@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.evaluation.statistics import t_quantile_975
-from experiments.models.adapters import Architecture
-from kernels.kv_cache import KVQuantizer
+from quantlab.experiments.evaluation.statistics import t_quantile_975
+from quantlab.experiments.models.adapters import Architecture
+from quantlab.kernels.kv_cache import KVQuantizer
 
 LOGIT_SLICE = 512  # positions per lm_head call: bounds the fp32 logits memory
 Observer = Callable[[int, int, torch.Tensor], None]  # (first window of the batch, first position, log-probs)
@@ -77,7 +77,10 @@ def hidden_states(
     chunked prefill through a fresh cache in kv's format (off: states kept as written)."""
     if chunk is None:
         return backbone(input_ids=ids, use_cache=False).last_hidden_state
-    from experiments.models.kv_cache import QuantizedKVCache, cache_kwarg  # needs transformers' layered Cache
+    from quantlab.experiments.models.kv_cache import (  # needs transformers' layered Cache
+        QuantizedKVCache,
+        cache_kwarg,
+    )
 
     cache = QuantizedKVCache(kv or KVQuantizer(), backbone.config.num_hidden_layers)
     keyword = cache_kwarg(backbone)

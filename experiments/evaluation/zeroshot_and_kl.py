@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.evaluation.kl import KLAccumulator, TopKSummary, baseline_summary, kl_windows
-from experiments.evaluation.zeroshot.stage import (
+from quantlab.experiments.evaluation.kl import KLAccumulator, TopKSummary, baseline_summary, kl_windows
+from quantlab.experiments.evaluation.zeroshot.stage import (
     baseline_as_quantized,
     baseline_tasks,
     check_tokenizer,
@@ -26,8 +26,8 @@ from experiments.evaluation.zeroshot.stage import (
     quantized_tasks,
     task_protocol,
 )
-from experiments.evaluation.zeroshot.tasks import ResolvedTask
-from experiments.store.cache import Cache, atomic_write_json
+from quantlab.experiments.evaluation.zeroshot.tasks import ResolvedTask
+from quantlab.experiments.store.cache import Cache, atomic_write_json
 
 ITEMS_FILE = "zeroshot_items.json"
 LM_EVAL_DIR = "lm_eval"  # lm-eval's own results_*.json and samples_<task>_*.jsonl, one folder per model

@@ -29,7 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.export.layout import EXPORT_FORMATS, ExportRefused, predicted_layout, refusal, refuse_all
+from quantlab.experiments.export.layout import (
+    EXPORT_FORMATS,
+    ExportRefused,
+    predicted_layout,
+    refusal,
+    refuse_all,
+)
 
 __all__ = ["EXPORT_FORMATS", "MARKER", "ExportRefused", "export_model", "predicted_layout", "refusal"]
 MARKER = "quantlab-export.json"  # the export's summary, written into every export folder
@@ -37,19 +43,19 @@ MARKER = "quantlab-export.json"  # the export's summary, written into every expo
 
 def _writer(fmt: str):
     if fmt == "compressed-tensors":
-        from experiments.export import compressed_tensors
+        from quantlab.experiments.export import compressed_tensors
 
         return compressed_tensors.write
     if fmt == "gptq":
-        from experiments.export import gptq
+        from quantlab.experiments.export import gptq
 
         return gptq.write_gptq
     if fmt == "awq":
-        from experiments.export import gptq
+        from quantlab.experiments.export import gptq
 
         return gptq.write_awq
     if fmt == "gguf":
-        from experiments.export import gguf
+        from quantlab.experiments.export import gguf
 
         return gguf.write
     raise ExportRefused(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
@@ -59,7 +65,7 @@ def export_model(source: Any, fmt: str, out: Path, **options: Any) -> dict[str, 
     """Write the saved quantized model `source` (a run directory or the saved folder) as `fmt`
     into the folder `out` (replaced whole, written aside first). Raises
     ExportRefused with the reason before writing anything. Returns a summary for the record."""
-    from experiments.export.source import SavedModel, read_saved_model
+    from quantlab.experiments.export.source import SavedModel, read_saved_model
 
     start = time.perf_counter()
     writer = _writer(fmt)

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from experiments.export.layout import EXPORT_FORMATS, ExportRefused
+from quantlab.experiments.export.layout import EXPORT_FORMATS, ExportRefused
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -29,7 +29,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    from experiments.export import export_model
+    from quantlab.experiments.export import export_model
 
     options = {"checkpoint_format": args.checkpoint_format} if args.format == "gptq" else {}
     try:

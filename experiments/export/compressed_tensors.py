@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from experiments.export.grids import common_group_size, dividing_group_size, regrouped
-from experiments.export.source import SavedModel
-from kernels.packing import pack_codes
-from kernels.uniform import UniformWeight
+from quantlab.experiments.export.grids import common_group_size, dividing_group_size, regrouped
+from quantlab.experiments.export.source import SavedModel
+from quantlab.kernels.packing import pack_codes
+from quantlab.kernels.uniform import UniformWeight
 
 NAME = "compressed-tensors"
 WEIGHTS = "model.safetensors"

@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.export.grids import regrouped
-from experiments.export.layout import GGUF_ARCHITECTURES as ARCHITECTURES
-from experiments.export.layout import ExportRefused
-from experiments.export.source import SavedModel
-from kernels.uniform import UniformWeight
+from quantlab.experiments.export.grids import regrouped
+from quantlab.experiments.export.layout import GGUF_ARCHITECTURES as ARCHITECTURES
+from quantlab.experiments.export.layout import ExportRefused
+from quantlab.experiments.export.source import SavedModel
+from quantlab.kernels.uniform import UniformWeight
 
 FILE = "model.gguf"
 BLOCK = 32
@@ -107,8 +107,8 @@ def rotary_rows(out_features: int, n_head: int) -> torch.Tensor:
 
 def source_gguf(saved: SavedModel) -> tuple[Path | None, bool]:
     """(the GGUF file the saved model's tokenizer came from, whether it is also its base model)."""
-    from experiments.models.loading import package_gguf_path
-    from experiments.store.cache import file_sha256
+    from quantlab.experiments.models.loading import package_gguf_path
+    from quantlab.experiments.store.cache import file_sha256
 
     base = saved.quantization.get("base_model") or {}
     for spec, is_base in ((base.get("spec"), True), (base.get("tokenizer_spec"), False)):

@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from experiments.export.grids import common_group_size, regrouped
-from experiments.export.layout import ExportRefused
-from experiments.export.source import SavedModel
-from kernels.packing import pack_codes
-from kernels.uniform import UniformWeight
+from quantlab.experiments.export.grids import common_group_size, regrouped
+from quantlab.experiments.export.layout import ExportRefused
+from quantlab.experiments.export.source import SavedModel
+from quantlab.kernels.packing import pack_codes
+from quantlab.kernels.uniform import UniformWeight
 
 WEIGHTS = "model.safetensors"
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")

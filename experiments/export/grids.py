@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from kernels.uniform import UniformWeight
+from quantlab.kernels.uniform import UniformWeight
 
 
 def dividing_group_size(fmt: UniformWeight) -> int:

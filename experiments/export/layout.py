@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kernels.format import WeightFormat
-from kernels.uniform import UniformWeight
-from methods.base import ConfigError
+from quantlab.kernels.format import WeightFormat
+from quantlab.kernels.uniform import UniformWeight
+from quantlab.methods.base import ConfigError
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq", "awq", "gguf")
 GGUF_ARCHITECTURES = ("llama",)  # HF model_type whose tensors and metadata the GGUF export maps

@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from experiments.export.layout import GGUF_ARCHITECTURES as ARCHITECTURES
-from experiments.export.layout import Layout, layout_of_meta, predicted_layout, refusal
-from methods.base import ConfigError
+from quantlab.experiments.export.layout import GGUF_ARCHITECTURES as ARCHITECTURES
+from quantlab.experiments.export.layout import Layout, layout_of_meta, predicted_layout, refusal
+from quantlab.methods.base import ConfigError
 
 
 def export_path(run: Any, run_dir: Path) -> Path:
@@ -20,7 +20,7 @@ def export_path(run: Any, run_dir: Path) -> Path:
 
 def _layouts(run: Any) -> dict[str, Layout]:
     if run.model.source == "quantized":
-        from experiments.models.quantized import read_quant_config
+        from quantlab.experiments.models.quantized import read_quant_config
 
         layers = read_quant_config(Path(run.model.path).expanduser())["layers"]
         return {name: layout_of_meta(meta) for name, meta in layers.items()}
@@ -43,7 +43,7 @@ def _model_type(spec: Any) -> str | None:
 def _check_gguf(run: Any) -> None:
     base, tokenizer = run.model, run.tokenizer_model
     if run.model.source == "quantized":
-        from experiments.models.quantized import read_quant_config
+        from quantlab.experiments.models.quantized import read_quant_config
 
         saved = read_quant_config(Path(run.model.path).expanduser()).get("base_model") or {}
         base_spec, tokenizer_spec = saved.get("spec") or {}, saved.get("tokenizer_spec") or {}
@@ -65,7 +65,7 @@ def _check_gguf(run: Any) -> None:
 
 
 def _writable(path: Path) -> None:
-    from experiments.export import replaceable
+    from quantlab.experiments.export import replaceable
 
     try:
         replaceable(path)

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from experiments.export.layout import ExportRefused, Layout, layout_of
-from experiments.models.quantized import (
+from quantlab.experiments.export.layout import ExportRefused, Layout, layout_of
+from quantlab.experiments.models.quantized import (
     QUANT_CONFIG_FILE,
     WEIGHTS_FILE,
     NotAQuantizedModel,
@@ -19,8 +19,8 @@ from experiments.models.quantized import (
     load_formats,
     read_quant_config,
 )
-from experiments.store.artifacts import SAVED_DIR
-from kernels.format import WeightFormat
+from quantlab.experiments.store.artifacts import SAVED_DIR
+from quantlab.kernels.format import WeightFormat
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from methods.block import ScalingGroup
+from quantlab.methods.block import ScalingGroup
 
 
 class UnsupportedArchitecture(ValueError):
@@ -188,7 +188,7 @@ def check_method_fits(arch: Architecture, method: Any) -> None:
     architecture that has none (a derived one), naming the way out."""
     if not getattr(method, "folds_scales", False) or arch.scaling_groups:
         return
-    from methods import REGISTRY
+    from quantlab.methods import REGISTRY
 
     others = sorted(name for name, cls in REGISTRY.items() if not cls.folds_scales and cls.quantizes_weights)
     raise UnsupportedArchitecture(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from kernels.kv_cache import KVQuantizer, QuantizedKV
+from quantlab.kernels.kv_cache import KVQuantizer, QuantizedKV
 
 
 class QuantizedKVLayer(DynamicLayer):

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from experiments.models.adapters import Architecture, resolve_architecture
-from experiments.store.cache import build_dir_once, cache_root, file_sha256
+from quantlab.experiments.models.adapters import Architecture, resolve_architecture
+from quantlab.experiments.store.cache import build_dir_once, cache_root, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _content_matches(folder: Path, hashes: dict[str, str]) -> bool:
         verified[name] = [expected, *identity]
     if verified != stamp:
         try:
-            from experiments.store.cache import atomic_write_json
+            from quantlab.experiments.store.cache import atomic_write_json
 
             atomic_write_json(stamp_path, verified)
         except OSError:  # a read-only cache: verified again next time
@@ -227,7 +227,7 @@ def load_model(
         tokenizer = _load_tokenizer(where, borrowed_tokenizer_spec, **kwargs)
         config = AutoConfig.for_model(**spec.random_config)
         if len(tokenizer) > config.vocab_size:  # before the model is built: ids would index past it
-            from methods.base import ConfigError
+            from quantlab.methods.base import ConfigError
 
             raise ConfigError(
                 f"model.random_config.vocab_size={config.vocab_size} is smaller than the vocabulary of the "

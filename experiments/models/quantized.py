@@ -17,7 +17,7 @@ A saved quantized model is a folder (like llm-compressor's recipe beside a check
   `run_config.json` (the resolved run config that produced it).
 
 `apply_formats(model, formats, backend)` puts formats into a full-precision model: "fake" writes
-each dequantized weight into its nn.Linear; "packed" swaps in a `kernels.linear.QuantLinear`.
+each dequantized weight into its nn.Linear; "packed" swaps in a `quantlab.kernels.linear.QuantLinear`.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.store.cache import atomic_write_json, file_sha256
-from kernels.format import WeightFormat, format_from_packed
+from quantlab.experiments.store.cache import atomic_write_json, file_sha256
+from quantlab.kernels.format import WeightFormat, format_from_packed
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -196,7 +196,7 @@ def apply_formats(
             linear = model.get_submodule(name)
             linear.weight.data.copy_(fmt.dequantize(torch.float32).to(linear.weight.dtype))
         return {name: "fake" for name in formats}
-    from kernels.linear import quantize_linears
+    from quantlab.kernels.linear import quantize_linears
 
     quantize_linears(model, formats, kernel)
     return {name: model.get_submodule(name).kernel for name in formats}
@@ -250,7 +250,7 @@ def load_quantized_model(
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as handle:
         state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    from kernels.linear import QuantLinear
+    from quantlab.kernels.linear import QuantLinear
 
     for name, fmt in formats.items():  # each quantized linear: a module of its own, from its format
         parent_name, _, child = name.rpartition(".")

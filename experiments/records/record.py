@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from experiments.store.cache import atomic_write_json
+from quantlab.experiments.store.cache import atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from experiments.run.schema import LoggerConfig
+from quantlab.experiments.run.schema import LoggerConfig
 
 log = logging.getLogger(__name__)
 

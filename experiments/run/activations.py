@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.run.schema import ActConfig, ObserverConfig
-from kernels.activations import ActivationFakeQuant, attach_input_quantizer
-from methods.block import LinearHook
-from methods.hessian import input_representatives
+from quantlab.experiments.run.schema import ActConfig, ObserverConfig
+from quantlab.kernels.activations import ActivationFakeQuant, attach_input_quantizer
+from quantlab.methods.block import LinearHook
+from quantlab.methods.hessian import input_representatives
 
 
 @dataclass

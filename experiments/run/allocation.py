@@ -40,8 +40,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from experiments.records.sensitivity_record import DAMAGES, damage_of
-from methods.base import ConfigError
+from quantlab.experiments.records.sensitivity_record import DAMAGES, damage_of
+from quantlab.methods.base import ConfigError
 
 SOLVERS = ("greedy", "dp")
 RULES_FILE = "allocation_rules.yaml"
@@ -206,7 +206,7 @@ def check_config(config: AllocationConfig) -> None:
 def plan(config: AllocationConfig, model: Any, group_size: int) -> AllocationPlan:
     """Read and check the sensitivity record against the run (model, group size, widths), then
     allocate. Everything here happens before the model loads; errors say what to change."""
-    from experiments.run.sensitivity import read_record
+    from quantlab.experiments.run.sensitivity import read_record
 
     check_config(config)
     record, path = read_record(config.sensitivity)

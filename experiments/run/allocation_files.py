@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from methods.base import ConfigError, Method
+from quantlab.methods.base import ConfigError, Method
 
 
 def read_allocation(path: str | Path) -> dict[int, dict[str, list[int]]]:

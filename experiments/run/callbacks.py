@@ -77,8 +77,8 @@ def remove_if_made(run_dir: Path) -> bool:
 
 
 def write_index(sweep_dir: Path) -> Path | None:
-    from experiments.records.reporting import load_runs
-    from experiments.store.cache import atomic_write_bytes
+    from quantlab.experiments.records.reporting import load_runs
+    from quantlab.experiments.store.cache import atomic_write_bytes
 
     sweep_dir = Path(sweep_dir).absolute()  # the default output folder is relative
     runs = load_runs([sweep_dir])
@@ -93,7 +93,7 @@ def write_index(sweep_dir: Path) -> Path | None:
 
 def failed_runs(sweep_dir: Path) -> list[tuple[str, str]]:
     """(run directory, error) of every run under the sweep whose record says failed."""
-    from experiments.records.record import RESULT_FILE, read_result
+    from quantlab.experiments.records.record import RESULT_FILE, read_result
 
     out = []
     for path in sorted(Path(sweep_dir).glob(f"*/{RESULT_FILE}")):
@@ -125,8 +125,8 @@ def check_sweep(config: DictConfig) -> list[tuple[list[str], str]]:
     recorded as failed. Returns the invalid jobs with their messages."""
     from hydra import compose
 
-    from experiments.run.cli import check_config, user_error_message
-    from experiments.run.overrides import composition_message
+    from quantlab.experiments.run.cli import check_config, user_error_message
+    from quantlab.experiments.run.overrides import composition_message
 
     try:
         jobs = sweep_jobs(config)

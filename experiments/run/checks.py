@@ -2,7 +2,7 @@
 (unknown keys, types, names that become paths), what a method cannot mean (fp16 at 3 bits), the
 device, the shapes of random models, window lengths, and an evaluation that measures something.
 
-Each failure is a ConfigError that names the key and the fix; `experiments.run.cli` prints it and
+Each failure is a ConfigError that names the key and the fix; `quantlab.experiments.run.cli` prints it and
 exits 2. `check_top_level` runs inside `schema.validate` (the typed groups need ints there);
 `check_run` runs on the validated `RunConfig`.
 """
@@ -16,9 +16,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from experiments.run.cli import CONF_DIR
-from experiments.run.objective import check_objectives
-from methods.base import ConfigError
+from quantlab.experiments.run.cli import CONF_DIR
+from quantlab.experiments.run.objective import check_objectives
+from quantlab.methods.base import ConfigError
 
 # keys a run may carry besides those of conf/config.yaml: `+force=true` redoes finished runs of
 # a sweep, `+skip_invalid=true` runs a sweep's valid jobs and records the invalid ones as failed
@@ -132,8 +132,8 @@ CALIB_USAGE = {
 def check_calib(calib: Any) -> None:
     """The calib group (a typed CalibConfig): a built-in text, a file (calib=custom) or a hub
     dataset (calib=hf), with only the keys that source reads. Files are read by the preflight."""
-    from experiments.data.calibration import CALIBRATION_DATASETS, SAMPLINGS
-    from experiments.data.custom import CalibrationTextError
+    from quantlab.experiments.data.calibration import CALIBRATION_DATASETS, SAMPLINGS
+    from quantlab.experiments.data.custom import CalibrationTextError
 
     if calib.sampling not in SAMPLINGS:
         raise ConfigError(f"calib.sampling={calib.sampling!r} is not valid; choose one of: {', '.join(SAMPLINGS)}")
@@ -260,7 +260,11 @@ def _random_model(spec: Any) -> None:
     from transformers import AutoConfig
     from transformers.utils import logging as transf_logging
 
-    from experiments.models.adapters import UnsupportedArchitecture, check_model_type, check_structure
+    from quantlab.experiments.models.adapters import (
+        UnsupportedArchitecture,
+        check_model_type,
+        check_structure,
+    )
 
     shape = dict(spec.random_config or {})
     model_type = shape.get("model_type")
@@ -307,7 +311,7 @@ def max_positions(spec: Any) -> int | None:
 def _methods(run: Any) -> list[Any]:
     """The run's method and its comparisons, as instances (a method may decide per config, e.g.
     onnx_int8 calibrates only in static mode)."""
-    from methods import get_method_class
+    from quantlab.methods import get_method_class
 
     entries = [(run.method_name, run.method), *run.comparisons]
     return [get_method_class(name)(config) for name, config in entries]
@@ -366,7 +370,7 @@ def _kv(run: Any) -> None:
         raise ConfigError(f"kv.residual={run.kv.residual} is not shorter than eval.ppl.seqlen={ppl.seqlen}: every token "
                           "would stay in the full-precision residual; lower kv.residual")
     try:
-        from experiments.models.kv_cache import check_kv_model
+        from quantlab.experiments.models.kv_cache import check_kv_model
     except ImportError as error:
         import transformers
 
@@ -389,7 +393,7 @@ def _runtime_methods(run: Any) -> None:
     if not runtimes:
         return
     name = runtimes[0].name
-    from experiments.evaluation.onnx_runtime import missing_packages
+    from quantlab.experiments.evaluation.onnx_runtime import missing_packages
 
     if missing := missing_packages():
         raise ConfigError(
@@ -413,7 +417,7 @@ def _runtime_methods(run: Any) -> None:
 
 def check_run(run: Any, overrides: list[str] | None = None) -> None:
     """Everything schema.validate leaves to a RunConfig, still before anything loads."""
-    from experiments.export.plan import check_export
+    from quantlab.experiments.export.plan import check_export
 
     check_overrides(run, overrides)
     check_export(run)

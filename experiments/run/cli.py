@@ -72,8 +72,8 @@ def load_group_option(group: str, name: str) -> DictConfig:
     repository = ConfigRepository(config_search_path())
     found = repository.load_config(f"{group}/{name}")
     if found is None:
-        from experiments.run.checks import closest
-        from methods.base import ConfigError
+        from quantlab.experiments.run.checks import closest
+        from quantlab.methods.base import ConfigError
 
         valid = repository.get_group_options(group)
         hint = f" (did you mean {match!r}?)" if (match := closest(name, valid)) else ""
@@ -96,10 +96,10 @@ def check_config(cfg: DictConfig, overrides: list[str] | None = None) -> tuple[A
     """Everything checked before a model loads: the typed groups (schema.validate), the rest of
     the config (experiments/run/checks.py) and every data file the run reads (experiments/run/preflight.py).
     Returns the validated RunConfig and the content fingerprints of its data."""
-    from experiments.run.checks import check_run
-    from experiments.run.flow import data_dir_from_config
-    from experiments.run.preflight import check_data
-    from experiments.run.schema import validate
+    from quantlab.experiments.run.checks import check_run
+    from quantlab.experiments.run.flow import data_dir_from_config
+    from quantlab.experiments.run.preflight import check_data
+    from quantlab.experiments.run.schema import validate
 
     run = validate(cfg, load_group_option)
     check_run(run, overrides)
@@ -117,8 +117,8 @@ def run_from_config(
     started leaves a failed record. A run directory that already holds an ok record of the same
     configuration and the same data (content fingerprints, not paths) is not run again
     (re-running a sweep resumes it) unless the config says `force: true`."""
-    from experiments.records.record import RunRecord, finished_record, read_result
-    from experiments.run.flow import execute
+    from quantlab.experiments.records.record import RunRecord, finished_record, read_result
+    from quantlab.experiments.run.flow import execute
 
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
@@ -146,12 +146,12 @@ def user_error_message(error: BaseException) -> str | None:
     that cannot be written), printed without a traceback; None for anything else."""
     import errno
 
-    from experiments.data.calibration import CalibrationDataUnavailable
-    from experiments.data.custom import CalibrationTextError
-    from experiments.data.sources import DatasetNotFound, TextTooShort
-    from experiments.models.adapters import UnsupportedArchitecture
-    from experiments.models.loading import ModelNotAvailable
-    from methods.base import ConfigError
+    from quantlab.experiments.data.calibration import CalibrationDataUnavailable
+    from quantlab.experiments.data.custom import CalibrationTextError
+    from quantlab.experiments.data.sources import DatasetNotFound, TextTooShort
+    from quantlab.experiments.models.adapters import UnsupportedArchitecture
+    from quantlab.experiments.models.loading import ModelNotAvailable
+    from quantlab.methods.base import ConfigError
 
     if isinstance(error, (ConfigError, ModelNotAvailable, DatasetNotFound, CalibrationDataUnavailable,
                           UnsupportedArchitecture, TextTooShort, CalibrationTextError)):
@@ -168,17 +168,17 @@ def user_error_message(error: BaseException) -> str | None:
 def app(cfg: DictConfig) -> float | tuple[float, ...] | None:
     from hydra.types import RunMode
 
-    from experiments.records.reporting.text import (
+    from quantlab.experiments.records.reporting.text import (
         expected_line,
         protocol_line,
         reduced_protocol_note,
         render,
         run_rows,
     )
-    from experiments.records.tracking import group_by_sweep
-    from experiments.run.callbacks import remove_if_made
-    from experiments.run.objective import objective
-    from methods.base import ConfigError
+    from quantlab.experiments.records.tracking import group_by_sweep
+    from quantlab.experiments.run.callbacks import remove_if_made
+    from quantlab.experiments.run.objective import objective
+    from quantlab.methods.base import ConfigError
 
     signal.signal(signal.SIGTERM, _raise_interrupted)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -193,7 +193,7 @@ def app(cfg: DictConfig) -> float | tuple[float, ...] | None:
         message = user_error_message(error)
         if message is None:
             raise  # a bug: its traceback is what helps
-        from experiments.run.preflight import DataError
+        from quantlab.experiments.run.preflight import DataError
 
         kind = "error"
         if isinstance(error, ConfigError):
@@ -224,9 +224,9 @@ def app(cfg: DictConfig) -> float | tuple[float, ...] | None:
 
 def _print_sensitivity(record: dict[str, Any], run_dir: Path) -> None:
     """The end of an experiment=sensitivity run: the proxies ranked at the middle width measured."""
-    from experiments.records.reporting import sensitivity
-    from experiments.records.reporting.tables import render_flat
-    from experiments.records.sensitivity_record import SENSITIVITY_FILE
+    from quantlab.experiments.records.reporting import sensitivity
+    from quantlab.experiments.records.reporting.tables import render_flat
+    from quantlab.experiments.records.sensitivity_record import SENSITIVITY_FILE
 
     bits = record["bits"][len(record["bits"]) // 2]
     print(sensitivity.title(record, bits))
@@ -265,8 +265,8 @@ def output_folder_problem(argv: list[str]) -> str | None:
 def main() -> None:
     """`quantlab`: the command line checked for what Hydra would refuse without guidance (a
     folder it cannot make, a mistyped key or option) before Hydra makes a run directory."""
-    from experiments.run.objective import missing_search_plugin
-    from experiments.run.overrides import override_problem
+    from quantlab.experiments.run.objective import missing_search_plugin
+    from quantlab.experiments.run.overrides import override_problem
 
     problem = output_folder_problem(sys.argv[1:])
     if problem:

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from experiments.evaluation.perplexity import input_device, place_for_eval
-from experiments.models.adapters import Architecture
-from methods.base import Method
+from quantlab.experiments.evaluation.perplexity import input_device, place_for_eval
+from quantlab.experiments.models.adapters import Architecture
+from quantlab.methods.base import Method
 
 
 def next_token_loss(model: nn.Module, arch: Architecture, ids: torch.Tensor) -> torch.Tensor:

@@ -17,26 +17,30 @@ from typing import Any
 
 import torch
 
-from experiments.data.calibration import check_chat_template
-from experiments.evaluation import zeroshot_and_kl
-from experiments.evaluation.perplexity import perplexity, place_for_eval, release_from_eval
-from experiments.evaluation.statistics import paired_delta
-from experiments.models.adapters import check_method_fits
-from experiments.models.loading import LoadedModel, ModelSpec, load_model
-from experiments.models.quantized import apply_formats, read_quant_config, restore_other_tensors
-from experiments.records.record import RunRecord
-from experiments.records.sensitivity_record import SENSITIVITY_FILE
-from experiments.records.tracking import make_tracker
-from experiments.run import activations, allocation, allocation_files, module_rules, sensitivity
-from experiments.run.checks import needs_calibration
-from experiments.run.pipeline import QuantizationReport, quantize_model
-from experiments.run.schema import RunConfig
-from experiments.store.artifacts import QuantizedStore, consistency_gate
-from experiments.store.cache import Cache, atomic_write_json
-from experiments.store.shared_inputs import cached_block_inputs, cached_calibration_set, cached_eval_windows
-from kernels.linear import model_weight_bytes
-from methods import get_method_class
-from methods.base import ConfigError, Method
+from quantlab.experiments.data.calibration import check_chat_template
+from quantlab.experiments.evaluation import zeroshot_and_kl
+from quantlab.experiments.evaluation.perplexity import perplexity, place_for_eval, release_from_eval
+from quantlab.experiments.evaluation.statistics import paired_delta
+from quantlab.experiments.models.adapters import check_method_fits
+from quantlab.experiments.models.loading import LoadedModel, ModelSpec, load_model
+from quantlab.experiments.models.quantized import apply_formats, read_quant_config, restore_other_tensors
+from quantlab.experiments.records.record import RunRecord
+from quantlab.experiments.records.sensitivity_record import SENSITIVITY_FILE
+from quantlab.experiments.records.tracking import make_tracker
+from quantlab.experiments.run import activations, allocation, allocation_files, module_rules, sensitivity
+from quantlab.experiments.run.checks import needs_calibration
+from quantlab.experiments.run.pipeline import QuantizationReport, quantize_model
+from quantlab.experiments.run.schema import RunConfig
+from quantlab.experiments.store.artifacts import QuantizedStore, consistency_gate
+from quantlab.experiments.store.cache import Cache, atomic_write_json
+from quantlab.experiments.store.shared_inputs import (
+    cached_block_inputs,
+    cached_calibration_set,
+    cached_eval_windows,
+)
+from quantlab.kernels.linear import model_weight_bytes
+from quantlab.methods import get_method_class
+from quantlab.methods.base import ConfigError, Method
 
 log = logging.getLogger(__name__)
 EVAL_CODE_VERSION = 1  # bump when the perplexity computation changes: invalidates cached baselines
@@ -59,7 +63,7 @@ def kv_record(run: RunConfig, model: torch.nn.Module) -> tuple[float, dict[str, 
     entry: dict[str, Any] = {**asdict(run.kv), "enabled": run.kv.enabled}
     if not run.kv.enabled:
         return 16.0, entry
-    from experiments.models.kv_cache import cache_memory, kv_shape
+    from quantlab.experiments.models.kv_cache import cache_memory, kv_shape
 
     shape = kv_shape(model.config)
     memory = {str(tokens): cache_memory(shape, run.kv.quantizer(), tokens, run.kv.chunk) for tokens in KV_MEMORY_TOKENS}
@@ -69,7 +73,7 @@ def kv_record(run: RunConfig, model: torch.nn.Module) -> tuple[float, dict[str, 
 
 def log_perplexity(label: str, result: dict[str, Any], note: str = "") -> None:
     """One console and log-file line per evaluated dataset: perplexity with its 95% interval."""
-    from experiments.records.reporting.tables import format_interval
+    from quantlab.experiments.records.reporting.tables import format_interval
 
     value = format_interval(result["value"], result.get("ci_low"), result.get("ci_high"), 2)
     log.info("%s: ppl %s (%d windows, %.1f s%s)", label, value, result["n_windows"], result["seconds"], note)
@@ -193,7 +197,7 @@ def _quantize_and_evaluate(
     in `run.export.format` as soon as it is there (before evaluating). `label`: the model's name in
     the run folder's per-model files (model_label)."""
     if method.runtime == "onnxruntime":  # quantized and evaluated as an ONNX graph (methods/onnx_int8.py)
-        from experiments.evaluation import onnx_runtime
+        from quantlab.experiments.evaluation import onnx_runtime
 
         release_from_eval(loaded.model)
         return onnx_runtime.quantize_and_evaluate(loaded, method, run, sets, baseline, calibration)
@@ -226,8 +230,8 @@ def _quantize_and_evaluate(
     quantized_model = store.describe()
     exported = None
     if export and run.export.format and report.formats and store.directory is not None and run_dir is not None:
-        from experiments.export import export_model
-        from experiments.export.plan import export_path
+        from quantlab.experiments.export import export_model
+        from quantlab.experiments.export.plan import export_path
 
         options = {"checkpoint_format": run.export.checkpoint_format} if run.export.format == "gptq" else {}
         exported = export_model(store.directory, run.export.format, export_path(run, run_dir), **options)
@@ -355,7 +359,7 @@ def _execute(run: RunConfig, config: dict[str, Any], run_dir: Path, progress: bo
             module_rules.check_model(rules, loaded.architecture, loaded.model, get_method_class(name))
         _check_allocation_model(run, loaded)
         if run.kv.enabled:  # a model this cache cannot serve fails here, before the baseline
-            from experiments.models.kv_cache import check_kv_model
+            from quantlab.experiments.models.kv_cache import check_kv_model
 
             check_kv_model(loaded.model.config, run.kv.quantizer(), base_spec.name)
         for name in [run.method_name, *(other for other, _ in run.comparisons)]:  # AWQ on a derived adapter

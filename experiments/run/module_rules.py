@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from methods import ConfigError, MethodConfig, get_method_class
+from quantlab.methods import ConfigError, MethodConfig, get_method_class
 
 # what a rule's config may not change, because the driver applies it to the whole run
 RUN_WIDE = ("needs_calibration", "propagation", "sequences_per_forward")

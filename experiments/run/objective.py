@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from methods.base import ConfigError
+from quantlab.methods.base import ConfigError
 
 log = logging.getLogger("quantlab")
 OBJECTIVE_COLUMNS = ("avg_bits", "model_bytes", "quantize_s", "eval_s")
@@ -71,8 +71,8 @@ def objective(record: dict[str, Any], names: Any = None, budget: float | None = 
     trial) when a value is missing."""
     import pandas as pd
 
-    from experiments.records.reporting.metrics import parse_metric
-    from experiments.records.reporting.records import ReportError, entry_row, method_entries
+    from quantlab.experiments.records.reporting.metrics import parse_metric
+    from quantlab.experiments.records.reporting.records import ReportError, entry_row, method_entries
 
     names = objective_names(names) or [f"ppl:{ds}" for ds in ((record.get("metrics") or {}).get("ppl") or {})][:1]
     if not names:

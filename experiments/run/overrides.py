@@ -1,12 +1,12 @@
 """The command line's typos, explained before Hydra runs: a key that is not in the config
 (`method.act_ordr=true`, `calib.nsample=64`) or an option a config group does not have
 (`method=gtpq`) gets a message naming the group's valid keys or options and the closest one,
-instead of Hydra's bare "Key ... is not in struct". `experiments.run.cli.main` prints it as a
+instead of Hydra's bare "Key ... is not in struct". `quantlab.experiments.run.cli.main` prints it as a
 config error (exit 2) before Hydra makes a run directory; a sweep's jobs get the same messages
-from `experiments.run.callbacks.check_sweep`.
+from `quantlab.experiments.run.callbacks.check_sweep`.
 
 Keys added with `+` are not Hydra's business: the typed schemas (experiments/run/schema.py)
-refuse those, with the same wording (`experiments.run.checks.unknown_key_message`).
+refuse those, with the same wording (`quantlab.experiments.run.checks.unknown_key_message`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from experiments.run.checks import closest, top_level_key_message, unknown_key_message
+from quantlab.experiments.run.checks import closest, top_level_key_message, unknown_key_message
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Hydra's command-line flags that quantlab's check leaves alone (help, --cfg, other config dirs)
@@ -69,7 +69,7 @@ def key_message(cfg: DictConfig, key: str) -> str:
     """`key` (dotted) is not in the composed `cfg`: the first part of it that is not, with the
     valid keys there. For a group, those of its typed schema too (for `method`, the selected
     method's knobs); a knob the schema has but the group's YAML does not list is added with `+`."""
-    from experiments.run.schema import group_schema, schema_keys
+    from quantlab.experiments.run.schema import group_schema, schema_keys
 
     parts = key.split(".")
     if parts[0] not in cfg:

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.models.adapters import Architecture, check_method_fits
-from experiments.run.activations import BlockObservers, StaticCalibration
-from experiments.run.module_rules import RUN_WIDE, SKIPPED_BITS, ModuleRule, segments
-from kernels import QuantizedWeight
-from kernels.format import WeightFormat
-from methods.base import Method
-from methods.block import LinearHook, ModuleCall, ScalingGroup
+from quantlab.experiments.models.adapters import Architecture, check_method_fits
+from quantlab.experiments.run.activations import BlockObservers, StaticCalibration
+from quantlab.experiments.run.module_rules import RUN_WIDE, SKIPPED_BITS, ModuleRule, segments
+from quantlab.kernels import QuantizedWeight
+from quantlab.kernels.format import WeightFormat
+from quantlab.methods.base import Method
+from quantlab.methods.block import LinearHook, ModuleCall, ScalingGroup
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def capture_block_inputs(
 
 
 class DecoderBlockView:
-    """`methods.block.BlockView` over one decoder block on the compute device."""
+    """`quantlab.methods.block.BlockView` over one decoder block on the compute device."""
 
     def __init__(self, index: int, name: str, block: nn.Module, arch: Architecture, inputs: BlockInputs | None):
         self.index = index
@@ -523,7 +523,7 @@ def quantize_model(
         )
     report = QuantizationReport(records, seconds, formats, skipped, act_ranges, method.name, asdict(method.config))
     if method.fine_tunes:  # the whole-model stage (QAT) on the committed model
-        from experiments.run.finetune import fine_tune_model
+        from quantlab.experiments.run.finetune import fine_tune_model
 
         inputs = None  # the last block's outputs: not needed any more
         fine_tune_model(model, arch, method, report, calib_ids, device)

@@ -17,13 +17,17 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from experiments.data.calibration import CALIBRATION_SOURCES, calibration_split, resolve_calibration_rows
-from experiments.data.custom import CalibrationTextError
-from experiments.data.local_files import LOCAL_FILES
-from experiments.data.protocols import STREAM_TEXTS
-from experiments.data.sources import DatasetNotFound, data_dir, resolve_rows
-from experiments.run.checks import needs_calibration
-from methods.base import ConfigError
+from quantlab.experiments.data.calibration import (
+    CALIBRATION_SOURCES,
+    calibration_split,
+    resolve_calibration_rows,
+)
+from quantlab.experiments.data.custom import CalibrationTextError
+from quantlab.experiments.data.local_files import LOCAL_FILES
+from quantlab.experiments.data.protocols import STREAM_TEXTS
+from quantlab.experiments.data.sources import DatasetNotFound, data_dir, resolve_rows
+from quantlab.experiments.run.checks import needs_calibration
+from quantlab.methods.base import ConfigError
 
 # Tokens never outnumber the text's UTF-8 bytes (byte-level BPE; byte fallback), plus the few
 # special tokens a tokenizer adds: so a text of fewer bytes than this cannot fill a window.
@@ -173,9 +177,9 @@ def check_tasks(run: Any) -> dict[str, str]:
     sha256, or hub}."""
     if not run.eval.tasks:
         return {}
-    from experiments.evaluation.zeroshot.local_data import READERS
-    from experiments.evaluation.zeroshot.stage import plan_tasks
-    from experiments.evaluation.zeroshot.tasks import LOCAL_TASKS
+    from quantlab.experiments.evaluation.zeroshot.local_data import READERS
+    from quantlab.experiments.evaluation.zeroshot.stage import plan_tasks
+    from quantlab.experiments.evaluation.zeroshot.tasks import LOCAL_TASKS
 
     fingerprints = {}
     root = data_dir().absolute()
@@ -216,7 +220,7 @@ def check_tasks(run: Any) -> dict[str, str]:
 
 def check_data(run: Any) -> dict[str, str]:
     """Every text and task file the run needs; {purpose: content fingerprint}. Call it with the
-    run's data directory in effect (experiments.run.flow.data_dir_from_config)."""
+    run's data directory in effect (quantlab.experiments.run.flow.data_dir_from_config)."""
     fingerprints = {**check_texts(run), **check_tasks(run)}
     if getattr(run, "allocation", None) is not None:  # the widths come from this file's content
         fingerprints["allocation_sensitivity"] = hashlib.sha256(Path(run.allocation.source).read_bytes()).hexdigest()

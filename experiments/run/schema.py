@@ -14,20 +14,20 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-import methods
-from experiments.data.calibration import CalibrationSpec, join_separator
-from experiments.data.custom import TextSource
-from experiments.data.protocols import EVAL_DATASETS
-from experiments.models.loading import DTYPES, ModelSpec
-from experiments.run import allocation as allocation_
-from experiments.run.checks import check_calib, check_top_level, unknown_key_message
-from experiments.run.module_rules import ModuleRule, parse_rules
-from experiments.run.sensitivity import SensitivityConfig
-from experiments.run.sensitivity import check_config as check_sensitivity
-from kernels.activations import ActivationQuantizer
-from kernels.kv_cache import KVQuantizer
-from methods.base import ConfigError, MethodConfig
-from methods.observers import OBSERVERS, Observer, make_observer, observer_options
+import quantlab.methods
+from quantlab.experiments.data.calibration import CalibrationSpec, join_separator
+from quantlab.experiments.data.custom import TextSource
+from quantlab.experiments.data.protocols import EVAL_DATASETS
+from quantlab.experiments.models.loading import DTYPES, ModelSpec
+from quantlab.experiments.run import allocation as allocation_
+from quantlab.experiments.run.checks import check_calib, check_top_level, unknown_key_message
+from quantlab.experiments.run.module_rules import ModuleRule, parse_rules
+from quantlab.experiments.run.sensitivity import SensitivityConfig
+from quantlab.experiments.run.sensitivity import check_config as check_sensitivity
+from quantlab.kernels.activations import ActivationQuantizer
+from quantlab.kernels.kv_cache import KVQuantizer
+from quantlab.methods.base import ConfigError, MethodConfig
+from quantlab.methods.observers import OBSERVERS, Observer, make_observer, observer_options
 
 MODEL_SOURCES = ("hub", "local", "gguf", "package_gguf", "random", "quantized")
 EVAL_BACKENDS = ("fake", "packed")  # experiments/models/quantized.py apply_formats
@@ -283,7 +283,7 @@ def group_schema(group: str, section: Any) -> type | None:
         return GROUP_SCHEMAS.get(group)
     name = section.get("name") if isinstance(section, (dict, DictConfig)) else None
     try:
-        return methods.get_method_class(str(name)).config_class
+        return quantlab.methods.get_method_class(str(name)).config_class
     except Exception:  # noqa: BLE001 - an unknown method is reported by validate_method
         return None
 
@@ -361,7 +361,7 @@ def validate_method(section: dict[str, Any]) -> tuple[str, MethodConfig]:
     name = section.get("name")
     if name is None:
         raise ConfigError("config group 'method' has no 'name'")
-    method_class = methods.get_method_class(str(name))
+    method_class = quantlab.methods.get_method_class(str(name))
     body = {k: v for k, v in section.items() if k != "name"}
     config = _typed(method_class.config_class, body, f"method/{name}")
     config.validate(str(name))
@@ -434,7 +434,7 @@ def validate(cfg: DictConfig, group_loader: Any = None) -> RunConfig:
         raise ConfigError(f"save_model={save_model!r} must be true or false")
     export = _typed(ExportConfig, resolved.get("export") or {}, "export")
     if export.format is not None:
-        from experiments.export.layout import EXPORT_FORMATS
+        from quantlab.experiments.export.layout import EXPORT_FORMATS
 
         _choice(export.format, EXPORT_FORMATS, "export.format")
     _choice(export.checkpoint_format, ("gptq", "gptq_v2"), "export.checkpoint_format")
@@ -494,7 +494,7 @@ def _module_rules(
         raise ConfigError(f"modules={items!r} must be a list of rules, e.g. 'modules=[{{match: down_proj, bits: 8}}]'")
     if not items:
         return [], {}
-    methods_class = methods.get_method_class(method_name)
+    methods_class = quantlab.methods.get_method_class(method_name)
     if not methods_class.quantizes_weights or methods_class.runtime is not None:
         raise ConfigError(f"modules sets per-module weight settings, which method={method_name} does not take: "
                           "drop modules")
@@ -514,7 +514,7 @@ def _module_rules(
 
 def _check_saved_model(model: ModelSpec) -> None:
     """model.source=quantized: model.path must be a folder saved by save_model=true."""
-    from experiments.models.quantized import NotAQuantizedModel, read_quant_config
+    from quantlab.experiments.models.quantized import NotAQuantizedModel, read_quant_config
 
     if not model.path:
         raise ConfigError("model.source=quantized needs model.path: a folder saved by a run with save_model=true")

@@ -33,19 +33,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from experiments.evaluation.kl import KLAccumulator, TopKRecorder
-from experiments.evaluation.perplexity import perplexity
-from experiments.evaluation.statistics import paired_delta
-from experiments.records.sensitivity_record import RECORD_VERSION, SENSITIVITY_FILE
-from kernels import QuantizedWeight
-from methods.base import ConfigError, MethodConfig
-from methods.hessian import collect_hessians
-from methods.sensitivity import fisher_error, hessian_trace_error, output_error
+from quantlab.experiments.evaluation.kl import KLAccumulator, TopKRecorder
+from quantlab.experiments.evaluation.perplexity import perplexity
+from quantlab.experiments.evaluation.statistics import paired_delta
+from quantlab.experiments.records.sensitivity_record import RECORD_VERSION, SENSITIVITY_FILE
+from quantlab.kernels import QuantizedWeight
+from quantlab.methods.base import ConfigError, MethodConfig
+from quantlab.methods.hessian import collect_hessians
+from quantlab.methods.sensitivity import fisher_error, hessian_trace_error, output_error
 
 UNITS = ("linear", "block")
 METHODS = ("rtn", "gptq")  # methods that quantize one linear from its weight (and Hessian) alone
 if TYPE_CHECKING:  # the driver imports the schema, which imports this module's config
-    from experiments.run.pipeline import BlockInputs
+    from quantlab.experiments.run.pipeline import BlockInputs
 
 PROXIES = ("hessian_trace_error", "output_error", "fisher_error")
 
@@ -115,11 +115,11 @@ def quantize_linear(method_name: str, config: MethodConfig, weight: torch.Tensor
                     hessian: torch.Tensor | None) -> QuantizedWeight:
     """One linear by `method_name` from its full-precision weight (and Hessian, for GPTQ)."""
     if method_name == "rtn":
-        from methods.rtn import round_to_nearest
+        from quantlab.methods.rtn import round_to_nearest
 
         return round_to_nearest(weight, config.grid(), config.group_size, config.per_tensor)  # type: ignore[attr-defined]
     if method_name == "gptq":
-        from methods.gptq import gptq_quantize, tf32_disabled
+        from quantlab.methods.gptq import gptq_quantize, tf32_disabled
 
         with tf32_disabled():
             return gptq_quantize(weight, hessian, config.grid(), **config.solver_options())[0]  # type: ignore[attr-defined]
@@ -132,7 +132,7 @@ def full_precision_hessians(model: torch.nn.Module, arch: Any, calib_ids: torch.
     """Every decoder linear's H from one pass with full-precision inputs: each block's Hessians,
     then its full-precision outputs become the next block's inputs. Linears sharing an input
     share one tensor."""
-    from experiments.run.pipeline import DecoderBlockView, capture_block_inputs
+    from quantlab.experiments.run.pipeline import DecoderBlockView, capture_block_inputs
 
     inputs = inputs if inputs is not None else capture_block_inputs(model, arch, calib_ids, device, batch_size)
     hessians: dict[str, torch.Tensor] = {}

@@ -23,20 +23,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from experiments.data.calibration import calibration_source
-from experiments.models.loading import LoadedModel
-from experiments.models.quantized import (
+from quantlab.experiments.data.calibration import calibration_source
+from quantlab.experiments.models.loading import LoadedModel
+from quantlab.experiments.models.quantized import (
     WEIGHTS_FILE,
     files_are_intact,
     load_formats,
     read_quant_config,
     save_quantized_model,
 )
-from experiments.run.pipeline import LayerRecord, QuantizationReport
-from experiments.store.cache import Cache, _canonical, build_dir_once, file_sha256, key_hash, log_event
-from experiments.store.shared_inputs import calibration_key
-from kernels.format import WeightFormat
-from methods.base import Method
+from quantlab.experiments.run.pipeline import LayerRecord, QuantizationReport
+from quantlab.experiments.store.cache import (
+    Cache,
+    _canonical,
+    build_dir_once,
+    file_sha256,
+    key_hash,
+    log_event,
+)
+from quantlab.experiments.store.shared_inputs import calibration_key
+from quantlab.kernels.format import WeightFormat
+from quantlab.methods.base import Method
 
 QUANTIZE_CODE_VERSION = 1  # bump when a method's output changes for the same key
 SAVED_DIR = "quantized_model"
@@ -219,9 +226,9 @@ def consistency_gate(model: nn.Module, formats: dict[str, WeightFormat]) -> dict
     """Each packed linear against the fake-quant weights of its run: (1) the stored weight, whose
     fp16 scales and zero-points may differ from the computed ones by their rounding (relative
     2^-11 each, so at most STORAGE_TOLERANCE of the largest weight); (2) its kernel against that
-    stored weight on a seeded probe (kernels.linear.consistency_check, bf16-level tolerance on the
+    stored weight on a seeded probe (quantlab.kernels.linear.consistency_check, bf16-level tolerance on the
     fast paths). Raises on either; returns the largest errors."""
-    from kernels.linear import consistency_check
+    from quantlab.kernels.linear import consistency_check
 
     worst = {"storage_rel_error": 0.0, "kernel_rel_error": 0.0}
     for name, fmt in formats.items():

@@ -17,18 +17,18 @@ from typing import Any
 
 import torch
 
-from experiments.data.calibration import (
+from quantlab.experiments.data.calibration import (
     CalibrationSpec,
     calibration_fingerprint,
     calibration_set,
     calibration_source,
 )
-from experiments.data.protocols import STREAM_TEXTS, EvalWindows, eval_windows
-from experiments.data.sources import dataset_variant
-from experiments.data.tokenization import tokenizer_name
-from experiments.models.loading import LoadedModel
-from experiments.run.pipeline import BlockInputs, capture_block_inputs
-from experiments.store.cache import Cache
+from quantlab.experiments.data.protocols import STREAM_TEXTS, EvalWindows, eval_windows
+from quantlab.experiments.data.sources import dataset_variant
+from quantlab.experiments.data.tokenization import tokenizer_name
+from quantlab.experiments.models.loading import LoadedModel
+from quantlab.experiments.run.pipeline import BlockInputs, capture_block_inputs
+from quantlab.experiments.store.cache import Cache
 
 EVAL_WINDOWS_VERSION = 1
 CALIBRATION_VERSION = 1

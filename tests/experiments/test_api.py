@@ -11,10 +11,10 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-import experiments
-from experiments import api
-from experiments.models.adapters import UnsupportedArchitecture
-from methods.base import ConfigError
+from quantlab import experiments
+from quantlab.experiments import api
+from quantlab.experiments.models.adapters import UnsupportedArchitecture
+from quantlab.methods.base import ConfigError
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

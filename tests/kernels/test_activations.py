@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.activations import ActivationFakeQuant, ActivationQuantizer
+from quantlab.kernels.activations import ActivationFakeQuant, ActivationQuantizer
 
 
 def test_sixteen_bits_is_the_identity():
@@ -86,10 +86,10 @@ def test_invalid_configs_name_the_knob():
 
 
 def test_an_attached_input_quantizer_runs_in_front_of_linear_and_quantlinear():
-    from kernels.activations import attach_input_quantizer
-    from kernels.linear import QuantLinear
-    from methods.quantizer import Grid
-    from methods.rtn import round_to_nearest
+    from quantlab.kernels.activations import attach_input_quantizer
+    from quantlab.kernels.linear import QuantLinear
+    from quantlab.methods.quantizer import Grid
+    from quantlab.methods.rtn import round_to_nearest
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(16, 8)

@@ -6,9 +6,9 @@ from dataclasses import fields
 import pytest
 import torch
 
-from kernels import FORMATS, CodebookPartition, CodebookWeight, format_from_packed
-from kernels.codebook import index_bits, nearest_centroid
-from kernels.packing import packed_words
+from quantlab.kernels import FORMATS, CodebookPartition, CodebookWeight, format_from_packed
+from quantlab.kernels.codebook import index_bits, nearest_centroid
+from quantlab.kernels.packing import packed_words
 
 
 def random_weight(

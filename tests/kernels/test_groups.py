@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.groups import (
+from quantlab.kernels.groups import (
     Segment,
     contiguous_g_idx,
     contiguous_g_idx_skipping,

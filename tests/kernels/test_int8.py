@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kernels import grid as grids
-from kernels.activations import ActivationQuantizer
-from kernels.int8 import INT8_GRID, Int8Linear, benchmark, quantize_tokens
+from quantlab.kernels import grid as grids
+from quantlab.kernels.activations import ActivationQuantizer
+from quantlab.kernels.int8 import INT8_GRID, Int8Linear, benchmark, quantize_tokens
 
 U = 2.0**-24  # fp32 unit roundoff
 

@@ -4,8 +4,8 @@ the packed storage, the residual's flushing, and the refusals."""
 import pytest
 import torch
 
-from kernels.kv_cache import KVQuantizer, QuantizedKV, fake_quantize_states, quantize_states
-from kernels.packing import packed_words
+from quantlab.kernels.kv_cache import KVQuantizer, QuantizedKV, fake_quantize_states, quantize_states
+from quantlab.kernels.packing import packed_words
 
 torch.manual_seed(0)
 STATES = torch.randn(2, 3, 40, 16) * torch.linspace(0.2, 3.0, 16)  # channels of different scales, as keys have

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from kernels import CodebookPartition, CodebookWeight, UniformWeight
-from kernels.fastpaths import FAST_PATHS, UnsupportedFormat, cpu_is_vectorized, op_group_size
-from kernels.groups import contiguous_g_idx
-from kernels.linear import (
+from quantlab.kernels import CodebookPartition, CodebookWeight, UniformWeight
+from quantlab.kernels.fastpaths import FAST_PATHS, UnsupportedFormat, cpu_is_vectorized, op_group_size
+from quantlab.kernels.groups import contiguous_g_idx
+from quantlab.kernels.linear import (
     CHECK_TOLERANCE,
     KernelMismatch,
     QuantLinear,

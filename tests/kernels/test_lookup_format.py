@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from kernels import FORMATS, LookupWeight, format_from_packed
-from kernels.linear import QuantLinear
-from kernels.lookup import TABLES, dynamic_map, lookup_table
+from quantlab.kernels import FORMATS, LookupWeight, format_from_packed
+from quantlab.kernels.linear import QuantLinear
+from quantlab.kernels.lookup import TABLES, dynamic_map, lookup_table
 
 
 def random_weight(out=6, inp=40, blocksize=16, table="nf4", double_quant=False, seed=0):

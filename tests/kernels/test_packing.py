@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.packing import pack_codes, packed_words, padding_bits, unpack_codes
+from quantlab.kernels.packing import pack_codes, packed_words, padding_bits, unpack_codes
 
 
 def stream_oracle(values: list[int], bits: int) -> list[int]:

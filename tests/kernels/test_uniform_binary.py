@@ -4,9 +4,9 @@ the reference's sign(w - z) * delta + z bit for bit, exact storage, packing roun
 import pytest
 import torch
 
-from kernels import UniformWeight, format_from_packed
-from kernels.groups import contiguous_g_idx
-from kernels.linear import QuantLinear
+from quantlab.kernels import UniformWeight, format_from_packed
+from quantlab.kernels.groups import contiguous_g_idx
+from quantlab.kernels.linear import QuantLinear
 
 
 def binary_weight(out=6, inp=40, group_size=8, seed=0) -> UniformWeight:

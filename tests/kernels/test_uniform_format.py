@@ -6,9 +6,9 @@ from dataclasses import fields
 import pytest
 import torch
 
-from kernels import FORMATS, QuantizedWeight, UniformWeight, WeightFormat, format_from_packed
-from kernels.groups import contiguous_g_idx, contiguous_g_idx_skipping, num_groups
-from kernels.packing import packed_words
+from quantlab.kernels import FORMATS, QuantizedWeight, UniformWeight, WeightFormat, format_from_packed
+from quantlab.kernels.groups import contiguous_g_idx, contiguous_g_idx_skipping, num_groups
+from quantlab.kernels.packing import packed_words
 
 
 def make(

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import QuantizedWeight
-from methods.owq import weak_column_count
+from quantlab.kernels import QuantizedWeight
+from quantlab.methods.owq import weak_column_count
 from tests.conftest import LLAMA7B_LINEARS as LLAMA7B
 
 

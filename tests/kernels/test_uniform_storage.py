@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import QuantizedWeight
-from kernels.groups import contiguous_g_idx, num_groups
+from quantlab.kernels import QuantizedWeight
+from quantlab.kernels.groups import contiguous_g_idx, num_groups
 
 
 def make(out=3, inp=10, group=4, bits=3, zero_format="int", g_idx=None, **extra):
@@ -89,7 +89,7 @@ def test_per_tensor_stores_its_scale_and_zero_once(zero_format, zero_bits):
 
 
 def test_per_tensor_runs_on_the_reference_and_int8_paths():
-    from kernels.linear import QuantLinear
+    from quantlab.kernels.linear import QuantLinear
 
     q = per_tensor_weight("int")
     x = torch.randn(3, 32)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import QuantizedWeight
+from quantlab.kernels import QuantizedWeight
 
 
 class TinyBlock(nn.Module):
@@ -98,7 +98,7 @@ class FakeBlockView:
 
     def capture(self, names):
         """Each named sub-module's calls, one per chunk (the BlockView contract)."""
-        from methods.block import ModuleCall
+        from quantlab.methods.block import ModuleCall
 
         calls = {name: [] for name in names}
 

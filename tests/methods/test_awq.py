@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from methods import awq_search
-from methods.awq import AWQConfig
-from methods.base import ConfigError
-from methods.quantizer import Grid
-from methods.rtn import round_to_nearest
+from quantlab.methods import awq_search
+from quantlab.methods.awq import AWQConfig
+from quantlab.methods.base import ConfigError
+from quantlab.methods.quantizer import Grid
+from quantlab.methods.rtn import round_to_nearest
 
 
 def awq_formula(group: torch.Tensor, bits: int) -> torch.Tensor:
@@ -163,7 +163,7 @@ def test_bad_configs_raise_naming_the_knob(overrides, knob):
 
 
 def test_defaults_are_llm_awq_and_the_yaml_matches_the_dataclass():
-    from experiments.run.schema import validate_method
+    from quantlab.experiments.run.schema import validate_method
     from tests.conftest import compose_config
 
     cfg = AWQConfig()
@@ -186,8 +186,8 @@ def test_defaults_are_llm_awq_and_the_yaml_matches_the_dataclass():
 
 def test_awq_on_the_fake_block_scales_up_to_down_exactly_then_quantizes(make_block):
     """The FakeBlockView's tiny block has one exact group, up -> down (down(silu(gate) * up))."""
-    from methods.awq import AWQ
-    from methods.block import ScalingGroup
+    from quantlab.methods.awq import AWQ
+    from quantlab.methods.block import ScalingGroup
 
     view = make_block(n_sequences=4, tokens=16, batch_size=2)
     view.scaling_groups = (ScalingGroup("up", ("down",), "down"),)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from experiments.models.adapters import architecture_for
-from experiments.run.pipeline import DecoderBlockView, capture_block_inputs, quantize_model
-from methods import awq_search
-from methods.awq import AWQ, AWQConfig
+from quantlab.experiments.models.adapters import architecture_for
+from quantlab.experiments.run.pipeline import DecoderBlockView, capture_block_inputs, quantize_model
+from quantlab.methods import awq_search
+from quantlab.methods.awq import AWQ, AWQConfig
 
 CPU = torch.device("cpu")
 

@@ -2,7 +2,13 @@
 
 import torch
 
-from methods.column_solver import ColumnPlan, ColumnQuantizer, Damping, inverse_hessian_chol, solve_columns
+from quantlab.methods.column_solver import (
+    ColumnPlan,
+    ColumnQuantizer,
+    Damping,
+    inverse_hessian_chol,
+    solve_columns,
+)
 
 
 def problem(out_features=12, in_features=40, seed=0):

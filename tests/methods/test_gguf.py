@@ -6,9 +6,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from experiments.export.readers import decode_gguf_blocks as decode
-from methods.base import ConfigError
-from methods.gguf import BLOCK_TYPES, quantize_blocks, quantize_weight
+from quantlab.experiments.export.readers import decode_gguf_blocks as decode
+from quantlab.methods.base import ConfigError
+from quantlab.methods.gguf import BLOCK_TYPES, quantize_blocks, quantize_weight
 
 ORACLE = {key: getattr(GGMLQuantizationType, t.name) for key, t in BLOCK_TYPES.items()}
 
@@ -70,7 +70,7 @@ def test_rows_that_are_not_whole_blocks_are_refused():
 
 
 def test_the_block_type_fixes_bits_and_group_size():
-    from methods.gguf import Q4_1Config
+    from quantlab.methods.gguf import Q4_1Config
 
     Q4_1Config().validate("gguf_q4_1")
     with pytest.raises(ConfigError, match="bits=3"):

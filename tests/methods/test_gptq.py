@@ -3,12 +3,12 @@ import copy
 import pytest
 import torch
 
-from methods import REGISTRY, ConfigError, quantizer
-from methods.column_solver import Damping, inverse_hessian_chol
-from methods.gptq import GPTQ, GPTQConfig, HessianNotPositiveDefinite, gptq_quantize
-from methods.hessian import HessianAccumulator
-from methods.quantizer import Grid
-from methods.rtn import round_to_nearest
+from quantlab.methods import REGISTRY, ConfigError, quantizer
+from quantlab.methods.column_solver import Damping, inverse_hessian_chol
+from quantlab.methods.gptq import GPTQ, GPTQConfig, HessianNotPositiveDefinite, gptq_quantize
+from quantlab.methods.hessian import HessianAccumulator
+from quantlab.methods.quantizer import Grid
+from quantlab.methods.rtn import round_to_nearest
 
 
 @pytest.fixture(autouse=True)
@@ -440,7 +440,7 @@ def test_tf32_disabled_while_solving_and_restored(make_block):
 
 
 def test_linears_declared_to_share_an_input_share_one_hessian_and_stop_early(make_block):
-    from methods.block import ScalingGroup
+    from quantlab.methods.block import ScalingGroup
 
     block = make_block()
     block.scaling_groups = (

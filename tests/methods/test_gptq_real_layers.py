@@ -7,12 +7,12 @@ import itertools
 import pytest
 import torch
 
-from experiments.data.calibration import CalibrationSpec, calibration_samples
-from experiments.run.pipeline import DecoderBlockView, capture_block_inputs
-from methods.gptq import gptq_quantize
-from methods.hessian import HessianAccumulator
-from methods.quantizer import Grid
-from methods.rtn import round_to_nearest
+from quantlab.experiments.data.calibration import CalibrationSpec, calibration_samples
+from quantlab.experiments.run.pipeline import DecoderBlockView, capture_block_inputs
+from quantlab.methods.gptq import gptq_quantize
+from quantlab.methods.hessian import HessianAccumulator
+from quantlab.methods.quantizer import Grid
+from quantlab.methods.rtn import round_to_nearest
 
 pytestmark = pytest.mark.slow
 LAYERS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")

@@ -29,10 +29,10 @@ import pytest
 import torch
 from torch import nn
 
-import methods.gptq as gptq_module
-from experiments.run.pipeline import quantize_model
-from methods.gptq import GPTQ, GPTQConfig
-from methods.hessian import collect_hessians, input_representatives
+import quantlab.methods.gptq as gptq_module
+from quantlab.experiments.run.pipeline import quantize_model
+from quantlab.methods.gptq import GPTQ, GPTQConfig
+from quantlab.methods.hessian import collect_hessians, input_representatives
 from tests.methods.test_gptq import literal_fasterquant
 
 REFERENCE_SEQUENTIAL = [
@@ -281,7 +281,7 @@ def assert_identical(ours: dict[str, LayerResult], theirs: dict[str, LayerResult
 
 
 def test_rechunked_inputs_are_views_of_the_same_sequences():
-    from experiments.run.pipeline import BlockInputs
+    from quantlab.experiments.run.pipeline import BlockInputs
 
     hidden = [torch.randn(3, 4, 2), torch.randn(2, 4, 2)]
     mask = [torch.randn(3, 1, 4, 4), torch.randn(2, 1, 4, 4)]
@@ -323,7 +323,7 @@ N_SAMPLES, SEQLEN, N_BLOCKS = 16, 256, 2
 @pytest.fixture(scope="module")
 def smollm2_blocks(data_dir):
     """One thread throughout: on the shared 2-core CPU, two threads made this module 4x slower."""
-    from experiments.data.calibration import CalibrationSpec, calibration_samples
+    from quantlab.experiments.data.calibration import CalibrationSpec, calibration_samples
     from tests.conftest import _load
 
     threads = torch.get_num_threads()
@@ -396,7 +396,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from experiments.data.calibration import CalibrationSpec, calibration_samples
+    from quantlab.experiments.data.calibration import CalibrationSpec, calibration_samples
     from tests.conftest import SHARED_DATA, _load  # (offline, as the tests)
 
     os.environ.setdefault("QUANTLAB_DATA_DIR", str(SHARED_DATA))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from methods.hessian import HessianAccumulator
+from quantlab.methods.hessian import HessianAccumulator
 
 
 def reference_per_sample(samples: list[torch.Tensor]) -> torch.Tensor:
@@ -60,7 +60,7 @@ def test_fp16_inputs_are_cast_before_scaling():
 
 
 def test_lower_triangle_gram_equals_the_full_product():
-    from methods.hessian import add_gram_
+    from quantlab.methods.hessian import add_gram_
 
     for width in (100, 256, 576, 1000, 1536):
         x = torch.randn(300, width, dtype=torch.float64)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from methods.base import ConfigError
-from methods.hqq import HQQConfig, hqq_quantize
+from quantlab.methods.base import ConfigError
+from quantlab.methods.hqq import HQQConfig, hqq_quantize
 
 
 def transcribed_reference(w, bits, group_size, round_zero, iters=20, lp_norm=0.7, beta=10.0):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from methods.kmeans import assign, initial_centroids, weighted_kmeans
+from quantlab.methods.kmeans import assign, initial_centroids, weighted_kmeans
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kernels.lookup import dynamic_map, lookup_table
-from methods.base import ConfigError
-from methods.nf4 import LookupConfig, blockwise_quantize, quantize_lookup
+from quantlab.kernels.lookup import dynamic_map, lookup_table
+from quantlab.methods.base import ConfigError
+from quantlab.methods.nf4 import LookupConfig, blockwise_quantize, quantize_lookup
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes (the `baselines` extra)")
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import grid as grids
-from kernels.activations import ActivationQuantizer
-from methods.observers import OBSERVERS, SignedHistogram, kl_threshold_bin, make_observer
+from quantlab.kernels import grid as grids
+from quantlab.kernels.activations import ActivationQuantizer
+from quantlab.methods.observers import OBSERVERS, SignedHistogram, kl_threshold_bin, make_observer
 
 
 def batches(*shapes, seed=0, scale=1.0):
@@ -219,7 +219,7 @@ def test_every_registered_observer_takes_the_common_options():
 
 
 def test_clipped_fraction_counts_the_values_outside_the_range():
-    from methods.observers import make_observer
+    from quantlab.methods.observers import make_observer
 
     x = torch.arange(1, 10001, dtype=torch.float32)  # 1 .. 10000
     exact = make_observer("min_max", sym=False)

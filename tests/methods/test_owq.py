@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from methods import REGISTRY, ConfigError, quantizer
-from methods.gptq import GPTQ, GPTQConfig, gptq_quantize
-from methods.hessian import HessianAccumulator
-from methods.owq import OWQ, OWQConfig, column_order, owq_quantize, sensitivity, weak_column_count
-from methods.quantizer import Grid
+from quantlab.methods import REGISTRY, ConfigError, quantizer
+from quantlab.methods.gptq import GPTQ, GPTQConfig, gptq_quantize
+from quantlab.methods.hessian import HessianAccumulator
+from quantlab.methods.owq import OWQ, OWQConfig, column_order, owq_quantize, sensitivity, weak_column_count
+from quantlab.methods.quantizer import Grid
 from tests.conftest import LLAMA7B_LINEARS as LLAMA7B
 
 pytestmark = pytest.mark.usefixtures("single_thread")

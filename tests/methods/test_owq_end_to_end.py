@@ -3,8 +3,8 @@ the fp16 columns, and the config errors before any model loads."""
 
 import pytest
 
-from experiments.run.cli import run_from_config
-from methods.base import ConfigError
+from quantlab.experiments.run.cli import run_from_config
+from quantlab.methods.base import ConfigError
 from tests.conftest import compose_config
 
 TINY = [
@@ -23,7 +23,7 @@ TINY = [
 
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
-    from experiments.store.cache import cache_root
+    from quantlab.experiments.store.cache import cache_root
 
     shared, private = cache_root(), tmp_path / "cache"
     private.mkdir()
@@ -69,8 +69,8 @@ def test_owq_config_errors_fail_before_loading(tmp_path):
     ],
 )
 def test_paper_configs_follow_owqs_protocol(experiment, bits, target, n_outliers, tuning):
-    from experiments.run.cli import load_group_option
-    from experiments.run.schema import validate
+    from quantlab.experiments.run.cli import load_group_option
+    from quantlab.experiments.run.schema import validate
 
     run = validate(compose_config(f"experiment=paper/owq/{experiment}"), load_group_option)
     method = run.method

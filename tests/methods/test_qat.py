@@ -10,14 +10,21 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.run.pipeline import quantize_model
-from experiments.run.schema import validate_method
-from kernels.grid import fake_quantize, fake_quantize_ste
-from methods.base import ConfigError
-from methods.gptq import GPTQ, GPTQConfig
-from methods.qat import QAT, FakeQuantLinear, QATConfig, batch_order, learning_rate, lsq_gradient_scale
-from methods.quantizer import Grid
-from methods.rtn import RTN, RTNConfig, round_to_nearest
+from quantlab.experiments.run.pipeline import quantize_model
+from quantlab.experiments.run.schema import validate_method
+from quantlab.kernels.grid import fake_quantize, fake_quantize_ste
+from quantlab.methods.base import ConfigError
+from quantlab.methods.gptq import GPTQ, GPTQConfig
+from quantlab.methods.qat import (
+    QAT,
+    FakeQuantLinear,
+    QATConfig,
+    batch_order,
+    learning_rate,
+    lsq_gradient_scale,
+)
+from quantlab.methods.quantizer import Grid
+from quantlab.methods.rtn import RTN, RTNConfig, round_to_nearest
 from tests.conftest import _load
 
 CPU = torch.device("cpu")
@@ -202,9 +209,9 @@ def test_bits_the_init_cannot_do_are_refused():
 
 
 def test_static_activation_ranges_are_refused_before_loading():
-    from experiments.run.checks import check_run
-    from experiments.run.cli import load_group_option
-    from experiments.run.schema import validate
+    from quantlab.experiments.run.checks import check_run
+    from quantlab.experiments.run.cli import load_group_option
+    from quantlab.experiments.run.schema import validate
     from tests.conftest import compose_config
 
     run = validate(compose_config("model=tiny-llama", "method=qat", "bits=3", "act=int8_static"), load_group_option)
@@ -213,7 +220,7 @@ def test_static_activation_ranges_are_refused_before_loading():
 
 
 def test_module_rules_cannot_set_training_knobs():
-    from experiments.run.module_rules import parse_rules
+    from quantlab.experiments.run.module_rules import parse_rules
 
     base = QATConfig(bits=3, group_size=32)
     with pytest.raises(ConfigError, match=r"modules\[0\] sets \['steps'\] of qat, which hold for the whole run"):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from methods import quantizer
-from methods.quantizer import Grid
+from quantlab.methods import quantizer
+from quantlab.methods.quantizer import Grid
 
 
 def row(*values):

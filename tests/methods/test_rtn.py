@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from kernels.groups import group_bounds
-from methods import quantizer
-from methods.base import ConfigError
-from methods.quantizer import Grid
-from methods.rtn import RTNConfig, round_to_nearest
+from quantlab.kernels.groups import group_bounds
+from quantlab.methods import quantizer
+from quantlab.methods.base import ConfigError
+from quantlab.methods.quantizer import Grid
+from quantlab.methods.rtn import RTNConfig, round_to_nearest
 
 
 def reference_rtn(w, grid, group_size):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.sensitivity import fisher_error, hessian_trace_error, output_error
+from quantlab.methods.sensitivity import fisher_error, hessian_trace_error, output_error
 
 W = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
 W_HAT = torch.tensor([[1.5, -2.0, 0.0], [0.0, 2.0, -1.0]])  # ΔW = [[0.5, 0, -0.5], [0, -1, 0]]

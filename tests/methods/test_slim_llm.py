@@ -2,11 +2,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods import REGISTRY, ConfigError
-from methods.gptq import GPTQ, GPTQConfig, gptq_quantize
-from methods.hessian import HessianAccumulator
-from methods.quantizer import Grid
-from methods.slim_llm import (
+from quantlab.methods import REGISTRY, ConfigError
+from quantlab.methods.gptq import GPTQ, GPTQConfig, gptq_quantize
+from quantlab.methods.hessian import HessianAccumulator
+from quantlab.methods.quantizer import Grid
+from quantlab.methods.slim_llm import (
     KLSearch,
     SliMLLM,
     SliMLLMConfig,

@@ -6,10 +6,10 @@ layer (allocation, SQC, solver) agree bit for bit on block 0's q_proj (576 input
 import pytest
 import torch
 
-from experiments.data.calibration import CalibrationSpec, calibration_samples
-from experiments.run.pipeline import DecoderBlockView, capture_block_inputs
-from methods.hessian import HessianAccumulator
-from methods.slim_llm import (
+from quantlab.experiments.data.calibration import CalibrationSpec, calibration_samples
+from quantlab.experiments.run.pipeline import DecoderBlockView, capture_block_inputs
+from quantlab.methods.hessian import HessianAccumulator
+from quantlab.methods.slim_llm import (
     KLSearch,
     SliMLLMConfig,
     chol_inverse_upper,

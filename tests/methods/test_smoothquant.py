@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.run.pipeline import quantize_model
-from methods import REGISTRY, ConfigError
-from methods.observers import MinMaxObserver
-from methods.quantizer import Grid
-from methods.rtn import round_to_nearest
-from methods.smoothquant import SmoothQuant, SmoothQuantConfig, channel_absmax, smoothing_factors
+from quantlab.experiments.run.pipeline import quantize_model
+from quantlab.methods import REGISTRY, ConfigError
+from quantlab.methods.observers import MinMaxObserver
+from quantlab.methods.quantizer import Grid
+from quantlab.methods.rtn import round_to_nearest
+from quantlab.methods.smoothquant import SmoothQuant, SmoothQuantConfig, channel_absmax, smoothing_factors
 
 CPU = torch.device("cpu")
 
@@ -71,7 +71,7 @@ def test_factors_and_fold_match_the_reference(alpha):
     s = smoothing_factors(act, [lin.weight for lin in linears], alpha)
     ref_s, ref_ln, ref_fcs = literal_smooth_ln_fcs_llama_like(norm.weight.data, fcs, act, alpha)
     assert torch.equal(s, ref_s) and s[3] == 1e-5
-    from methods.awq_search import fold_scales
+    from quantlab.methods.awq_search import fold_scales
 
     fold_scales(norm, linears, s)
     assert torch.equal(norm.weight.data, ref_ln)

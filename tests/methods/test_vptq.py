@@ -4,13 +4,13 @@ v = 1, the reference's normalisation quirk, partitions, residual VQ, bits and th
 import pytest
 import torch
 
-from kernels import CodebookWeight, format_from_packed
-from methods import REGISTRY, ConfigError
-from methods.column_solver import ColumnPlan, Damping, solve_columns
-from methods.gptq import GridColumns, act_order_permutation
-from methods.hessian import HessianAccumulator
-from methods.quantizer import Grid
-from methods.vptq import (
+from quantlab.kernels import CodebookWeight, format_from_packed
+from quantlab.methods import REGISTRY, ConfigError
+from quantlab.methods.column_solver import ColumnPlan, Damping, solve_columns
+from quantlab.methods.gptq import GridColumns, act_order_permutation
+from quantlab.methods.hessian import HessianAccumulator
+from quantlab.methods.quantizer import Grid
+from quantlab.methods.vptq import (
     VPTQ,
     CodebookColumns,
     VPTQConfig,
@@ -213,8 +213,8 @@ def test_the_bits_quoted_in_the_method_config_are_the_counted_ones():
                                                  ("method.kmeans_init=kmeans", "kmeans_init"),
                                                  ("bits=5", "bits=5")])
 def test_bad_knobs_fail_before_the_model_loads(override, knob):
-    from experiments.run.cli import load_group_option
-    from experiments.run.schema import validate
+    from quantlab.experiments.run.cli import load_group_option
+    from quantlab.experiments.run.schema import validate
     from tests.conftest import compose_config
 
     with pytest.raises(ConfigError, match=knob):

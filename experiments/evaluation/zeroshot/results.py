@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from experiments.evaluation.statistics import mean_stderr
+from quantlab.experiments.evaluation.statistics import mean_stderr
 
 BOOKKEEPING = ("alias", "name", "sample_len", "sample_count")  # lm-eval's labels, not metrics
 LOGLIK_TYPES = ("loglikelihood", "multiple_choice")  # tasks decided on log-likelihoods

@@ -8,10 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from experiments.data.sources import data_dir
-from experiments.evaluation.statistics import task_delta
-from experiments.store.cache import Cache
-from methods.base import ConfigError
+from quantlab.experiments.data.sources import data_dir
+from quantlab.experiments.evaluation.statistics import task_delta
+from quantlab.experiments.store.cache import Cache
+from quantlab.methods.base import ConfigError
 
 from .results import means
 from .runner import Prompting, TaskRun, evaluate_tasks

@@ -23,8 +23,8 @@ from typing import Any
 
 import lm_eval
 
-from experiments.data.hub import hub_offline_reason
-from methods.base import ConfigError
+from quantlab.experiments.data.hub import hub_offline_reason
+from quantlab.methods.base import ConfigError
 
 from .local_data import files_hash
 
@@ -177,7 +177,7 @@ def write_local_yaml(name: str, data_dir: Path, folder: Path) -> Path:
         config["process_docs"] = None  # the reader already built query/choices; lm-eval's needs ctx_a/ctx_b
     lines = [f"{key}: {json.dumps(value)}" for key, value in config.items()]
     # lm-eval's `!function` tag resolves an importable module when no file sits beside the YAML
-    lines.append("custom_dataset: !function experiments.evaluation.zeroshot.local_data.load_local_dataset")
+    lines.append("custom_dataset: !function quantlab.experiments.evaluation.zeroshot.local_data.load_local_dataset")
     path = folder / f"{name}.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -1,6 +1,6 @@
 """Reports over run records (`result.json`): tables for papers and plots, from Python or the CLI.
 
-    from experiments.records.reporting import load_runs, parse_metric, pareto_plot, pivot, select
+    from quantlab.experiments.records.reporting import load_runs, parse_metric, pareto_plot, pivot, select
     runs = select(load_runs(["outputs/multiruns"]), filters=["bits=3,4"])   # a DataFrame
     metric = parse_metric("ppl:wikitext2", runs)                            # None: first dataset
     print(pivot(runs, metric, rows=["model", "method"], columns=["bits"]).markdown())
@@ -14,12 +14,12 @@
 - `cli.py`: the `quantlab-report` command over the same functions.
 """
 
-from experiments.records.reporting.metrics import Metric, parse_metric
-from experiments.records.reporting.plots import bitmap_plot, layers_plot, loss_plot, pareto_plot
-from experiments.records.reporting.records import ReportError, load_curves, load_layers, load_runs
-from experiments.records.reporting.replicates import combine_replicates
-from experiments.records.reporting.selection import select
-from experiments.records.reporting.tables import PivotTable, pivot
+from quantlab.experiments.records.reporting.metrics import Metric, parse_metric
+from quantlab.experiments.records.reporting.plots import bitmap_plot, layers_plot, loss_plot, pareto_plot
+from quantlab.experiments.records.reporting.records import ReportError, load_curves, load_layers, load_runs
+from quantlab.experiments.records.reporting.replicates import combine_replicates
+from quantlab.experiments.records.reporting.selection import select
+from quantlab.experiments.records.reporting.tables import PivotTable, pivot
 
 __all__ = [
     "Metric", "PivotTable", "ReportError", "bitmap_plot", "combine_replicates", "layers_plot", "load_curves", "load_layers", "loss_plot", "load_runs", "parse_metric", "pareto_plot",

@@ -27,21 +27,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.records.record import RESULT_FILE
-from experiments.records.reporting import sensitivity
-from experiments.records.reporting.metrics import parse_metric
-from experiments.records.reporting.plots import (
+from quantlab.experiments.records.record import RESULT_FILE
+from quantlab.experiments.records.reporting import sensitivity
+from quantlab.experiments.records.reporting.metrics import parse_metric
+from quantlab.experiments.records.reporting.plots import (
     bitmap_plot,
     layers_plot,
     loss_plot,
     pareto_plot,
     sensitivity_heatmap,
 )
-from experiments.records.reporting.records import FP16, ReportError, load_curves, load_layers, load_runs, warn
-from experiments.records.reporting.replicates import MODES, combine_replicates
-from experiments.records.reporting.selection import select
-from experiments.records.reporting.tables import DEFAULT_COLUMNS, DEFAULT_ROWS, pivot, render_flat
-from experiments.records.reporting.versus import MATCH_KEYS, format_versus, versus_table
+from quantlab.experiments.records.reporting.records import (
+    FP16,
+    ReportError,
+    load_curves,
+    load_layers,
+    load_runs,
+    warn,
+)
+from quantlab.experiments.records.reporting.replicates import MODES, combine_replicates
+from quantlab.experiments.records.reporting.selection import select
+from quantlab.experiments.records.reporting.tables import DEFAULT_COLUMNS, DEFAULT_ROWS, pivot, render_flat
+from quantlab.experiments.records.reporting.versus import MATCH_KEYS, format_versus, versus_table
 
 
 def _keys(text: str) -> list[str]:

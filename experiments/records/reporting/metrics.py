@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from experiments.records.reporting.records import ReportError
+from quantlab.experiments.records.reporting.records import ReportError
 
 INTERVAL_KINDS = ("ppl", "ppl_ratio")
 

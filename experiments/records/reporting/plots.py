@@ -18,9 +18,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from experiments.records.reporting.metrics import Metric, protocol_text
-from experiments.records.reporting.records import FP16, ReportError
-from experiments.records.reporting.tables import format_key
+from quantlab.experiments.records.reporting.metrics import Metric, protocol_text
+from quantlab.experiments.records.reporting.records import FP16, ReportError
+from quantlab.experiments.records.reporting.tables import format_key
 
 MARKERS = "osD^vPX*"
 LOG_SCALE_SPAN = 10  # a y range wider than this factor (a collapsed 2-bit model) goes on a log axis

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.records.record import RESULT_FILE, replicate_hash
+from quantlab.experiments.records.record import RESULT_FILE, replicate_hash
 
 FP16 = "fp16"  # the method that quantizes nothing: its rows sit at 16 bits per weight
 
@@ -95,7 +95,7 @@ def method_options(method: str | None, config: dict[str, Any]) -> str:
     if not config:
         return ""
     try:
-        from methods import get_method_class
+        from quantlab.methods import get_method_class
 
         defaults = get_method_class(str(method)).config_class()
         default_of = {name: getattr(defaults, name) for name in type(defaults).field_names()}

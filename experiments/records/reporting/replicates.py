@@ -17,8 +17,8 @@ import math
 
 import pandas as pd
 
-from experiments.records.reporting.metrics import datasets
-from experiments.records.reporting.records import ReportError
+from quantlab.experiments.records.reporting.metrics import datasets
+from quantlab.experiments.records.reporting.records import ReportError
 
 MODES = ("mean", "latest")
 SEED_COLUMNS = ["seed", "calib_seed"]

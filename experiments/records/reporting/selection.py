@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.records.reporting.records import ReportError, is_null
+from quantlab.experiments.records.reporting.records import ReportError, is_null
 
 NULL_WORDS = {"", "none", "null"}  # `--filter calib_dataset=none` selects runs without calibration
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.evaluation.statistics import spearman
-from experiments.records.reporting.records import ReportError
-from experiments.records.sensitivity_record import DAMAGES, SENSITIVITY_FILE, damage_of
+from quantlab.experiments.evaluation.statistics import spearman
+from quantlab.experiments.records.reporting.records import ReportError
+from quantlab.experiments.records.sensitivity_record import DAMAGES, SENSITIVITY_FILE, damage_of
 
 
 def load_sensitivity(paths: Iterable[Path | str]) -> list[tuple[Path, dict[str, Any]]]:

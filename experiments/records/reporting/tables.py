@@ -13,10 +13,10 @@ from typing import Any
 
 import pandas as pd
 
-from experiments.records.reporting.metrics import Metric, protocol_text
-from experiments.records.reporting.records import FP16, ReportError, is_null, warn
-from experiments.records.reporting.replicates import REPLICATES, has_folded
-from experiments.records.reporting.text import render
+from quantlab.experiments.records.reporting.metrics import Metric, protocol_text
+from quantlab.experiments.records.reporting.records import FP16, ReportError, is_null, warn
+from quantlab.experiments.records.reporting.replicates import REPLICATES, has_folded
+from quantlab.experiments.records.reporting.text import render
 
 DEFAULT_ROWS = ["model", "method", "method_options", "group_size"]
 DEFAULT_COLUMNS = ["bits"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiments.evaluation.zeroshot.results import stderr_name
+from quantlab.experiments.evaluation.zeroshot.results import stderr_name
 
 
 def _ppl_cell(entry: dict[str, Any] | None) -> str:

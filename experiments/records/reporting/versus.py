@@ -28,9 +28,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from experiments.evaluation.statistics import paired_delta
-from experiments.records.reporting.records import ReportError, is_null, warn
-from experiments.records.reporting.replicates import MODES, SEED_COLUMNS, per_seed_text, sample_sd, seed_label
+from quantlab.experiments.evaluation.statistics import paired_delta
+from quantlab.experiments.records.reporting.records import ReportError, is_null, warn
+from quantlab.experiments.records.reporting.replicates import (
+    MODES,
+    SEED_COLUMNS,
+    per_seed_text,
+    sample_sd,
+    seed_label,
+)
 
 # Keys two entries must share to be compared, beyond the evaluation protocol.
 MATCH_KEYS = ["model", "calib_dataset", "calib_nsamples", "calib_seqlen", "calib_seed", "bits", "group_size"]

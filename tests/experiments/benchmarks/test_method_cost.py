@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from experiments.benchmarks.method_cost import main, split_by_stage
+from quantlab.experiments.benchmarks.method_cost import main, split_by_stage
 
 
 def _layer(name, seconds, **stages):

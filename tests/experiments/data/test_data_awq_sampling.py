@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.data.awq_sampling import draw_awq_blocks, shuffled_order
-from experiments.data.calibration import CalibrationSpec, calibration_fingerprint, calibration_samples
+from quantlab.experiments.data.awq_sampling import draw_awq_blocks, shuffled_order
+from quantlab.experiments.data.calibration import (
+    CalibrationSpec,
+    calibration_fingerprint,
+    calibration_samples,
+)
 
 
 def test_shuffle_order_is_the_datasets_library_order():
@@ -62,7 +66,7 @@ def test_awq_sampling_through_the_calibration_spec(monkeypatch, tokenizer):
 
 
 def test_pile_offline_says_to_use_c4_or_pydocs(monkeypatch, tokenizer):
-    from experiments.data.calibration import CalibrationDataUnavailable
+    from quantlab.experiments.data.calibration import CalibrationDataUnavailable
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(CalibrationDataUnavailable, match=r"(?s)pile-val-backup.*calib=c4 or calib=pydocs"):

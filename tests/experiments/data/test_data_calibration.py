@@ -7,8 +7,12 @@ import random
 import pytest
 import torch
 
-from experiments.data.calibration import CalibrationSpec, calibration_fingerprint, calibration_samples
-from experiments.data.sources import dataset_variant, load_rows
+from quantlab.experiments.data.calibration import (
+    CalibrationSpec,
+    calibration_fingerprint,
+    calibration_samples,
+)
+from quantlab.experiments.data.sources import dataset_variant, load_rows
 
 
 def test_private_random_gives_the_same_draws_as_seeding_the_module():
@@ -122,7 +126,7 @@ def test_not_enough_text_names_dataset_seqlen_and_length(fake_data, put_file, pu
 
 
 def test_wikitext2_train_is_missing_offline(real_data, tokenizer):
-    from experiments.data.sources import DatasetNotFound
+    from quantlab.experiments.data.sources import DatasetNotFound
 
     with pytest.raises(DatasetNotFound, match="wiki.train.raw"):
         calibration_samples(CalibrationSpec("wikitext2"), tokenizer)
@@ -159,7 +163,7 @@ def test_fingerprint_holds_everything_that_determines_the_tensor(monkeypatch, to
 
 
 def test_calibration_set_equals_samples_and_fingerprint_from_one_read(monkeypatch, tokenizer):
-    from experiments.data.calibration import calibration_fingerprint, calibration_set
+    from quantlab.experiments.data.calibration import calibration_fingerprint, calibration_set
 
     monkeypatch.setenv("QUANTLAB_DATA_DIR", "/nonexistent")
     spec = CalibrationSpec("pydocs", nsamples=8, seqlen=128, seed=3)

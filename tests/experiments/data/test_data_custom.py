@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from experiments.data import hub
-from experiments.data.calibration import (
+from quantlab.experiments.data import hub
+from quantlab.experiments.data.calibration import (
     CalibrationSpec,
     calibration_fingerprint,
     calibration_samples,
@@ -25,18 +25,18 @@ from experiments.data.calibration import (
     calibration_source,
     join_separator,
 )
-from experiments.data.custom import (
+from quantlab.experiments.data.custom import (
     CalibrationTextError,
     TextSource,
     documents_hash,
     resolve_documents,
     text_documents,
 )
-from experiments.data.sources import TextTooShort, load_rows
-from experiments.run.preflight import DataError, check_calibration_text
-from experiments.run.schema import CalibConfig, validate
-from experiments.store.shared_inputs import cached_calibration_set, calibration_key
-from methods.base import ConfigError
+from quantlab.experiments.data.sources import TextTooShort, load_rows
+from quantlab.experiments.run.preflight import DataError, check_calibration_text
+from quantlab.experiments.run.schema import CalibConfig, validate
+from quantlab.experiments.store.shared_inputs import cached_calibration_set, calibration_key
+from quantlab.methods.base import ConfigError
 from tests.conftest import compose_config
 from tests.experiments.data.conftest import CharTokenizer
 
@@ -294,14 +294,14 @@ def test_too_few_tokens_at_the_draw_says_how_many(tmp_path, tokenizer):
     ],
 )
 def test_config_errors_name_the_key_and_the_fix(overrides, message):
-    from experiments.run.cli import load_group_option
+    from quantlab.experiments.run.cli import load_group_option
 
     with pytest.raises(ConfigError, match=message):
         validate(compose_config(*overrides), load_group_option)
 
 
 def test_the_groups_validate_with_their_required_key(tmp_path):
-    from experiments.run.cli import load_group_option
+    from quantlab.experiments.run.cli import load_group_option
 
     run = validate(compose_config("calib=custom", f"calib.path={tmp_path}/d.parquet"), load_group_option)
     assert run.calib.spec().source == TextSource("custom", path=f"{tmp_path}/d.parquet", field="text")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.data.protocols import EVAL_DATASETS, eval_windows
-from experiments.data.sources import load_rows
+from quantlab.experiments.data.protocols import EVAL_DATASETS, eval_windows
+from quantlab.experiments.data.sources import load_rows
 
 PROTOCOL_KEYS = {"dataset", "variant", "join", "seqlen", "n_windows", "n_windows_total", "bos", "tokenizer"}
 

@@ -9,8 +9,8 @@ from pydoc_data.topics import topics
 
 import pytest
 
-from experiments.data import hub
-from experiments.data.sources import DatasetNotFound, data_dir, dataset_variant, load_rows
+from quantlab.experiments.data import hub
+from quantlab.experiments.data.sources import DatasetNotFound, data_dir, dataset_variant, load_rows
 
 # --- data directory ---------------------------------------------------------------------
 

@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from experiments.evaluation.kl import KLAccumulator, TopKRecorder, TopKSummary, exact_kl
-from experiments.evaluation.perplexity import perplexity
+from quantlab.experiments.evaluation.kl import KLAccumulator, TopKRecorder, TopKSummary, exact_kl
+from quantlab.experiments.evaluation.perplexity import perplexity
 
 
 @pytest.fixture(scope="module")

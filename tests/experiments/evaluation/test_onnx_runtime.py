@@ -4,8 +4,8 @@ evaluation in onnxruntime on the baseline's windows, exact bits read off the qua
 import pytest
 import torch
 
-from experiments.run.cli import load_group_option, run_from_config
-from experiments.run.schema import validate
+from quantlab.experiments.run.cli import load_group_option, run_from_config
+from quantlab.experiments.run.schema import validate
 from tests.conftest import compose_config
 from tests.experiments.run.test_cli import TINY
 
@@ -51,9 +51,9 @@ def test_the_exported_graph_computes_the_torch_model(tmp_path, cache):
     """The fp32 export is the model: same logits through onnxruntime, so any PPL change is ORT's INT8."""
     import onnx
 
-    from experiments.evaluation import onnx_runtime
-    from experiments.models.loading import load_model
-    from experiments.run.schema import model_spec
+    from quantlab.experiments.evaluation import onnx_runtime
+    from quantlab.experiments.models.loading import load_model
+    from quantlab.experiments.run.schema import model_spec
 
     loaded = load_model(model_spec(load_group_option("model", "tiny-llama")), model_spec(load_group_option("model", "smollm2-135m")))
     path = onnx_runtime.cached_export(loaded.model, loaded.fingerprint, cache)
@@ -72,7 +72,7 @@ def test_the_exported_graph_computes_the_torch_model(tmp_path, cache):
      (["method.activation_type=int8"], "mode=static only"), (["method.mode=static", "method.calibrate_method=mse"], "calibrate_method")],
 )
 def test_bad_method_configs_name_the_fix(extra, message):
-    from methods.base import ConfigError
+    from quantlab.methods.base import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         validate(compose_config(*ORT, *extra), load_group_option)

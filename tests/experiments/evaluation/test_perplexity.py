@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments.evaluation.perplexity import perplexity, summarize
-from experiments.evaluation.statistics import paired_delta
+from quantlab.experiments.evaluation.perplexity import perplexity, summarize
+from quantlab.experiments.evaluation.statistics import paired_delta
 
 
 def test_perplexity_equals_a_direct_cross_entropy(tiny_llama):

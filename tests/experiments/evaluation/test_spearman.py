@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from experiments.evaluation.statistics import average_ranks, spearman
+from quantlab.experiments.evaluation.statistics import average_ranks, spearman
 
 
 def test_average_ranks_share_the_mean_rank_of_a_tie():

@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 
-from experiments.evaluation.statistics import align, mean_stderr, paired_bootstrap, task_delta
+from quantlab.experiments.evaluation.statistics import align, mean_stderr, paired_bootstrap, task_delta
 
 
 def test_mean_stderr_is_lm_evals_formula():

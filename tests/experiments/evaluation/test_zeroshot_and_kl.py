@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from experiments.records.reporting.text import render, run_rows
-from experiments.records.tracking import fidelity_summary
-from experiments.run.cli import run_from_config
-from experiments.store.cache import computations
+from quantlab.experiments.records.reporting.text import render, run_rows
+from quantlab.experiments.records.tracking import fidelity_summary
+from quantlab.experiments.run.cli import run_from_config
+from quantlab.experiments.store.cache import computations
 from tests.conftest import compose_config
 
 TINY = [
@@ -22,7 +22,7 @@ TINY = [
 
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch, data_dir):
-    from experiments.store.cache import cache_root
+    from quantlab.experiments.store.cache import cache_root
 
     shared = cache_root()
     private = tmp_path / "cache"

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.models.quantized import apply_formats, save_quantized_model
-from experiments.run.cli import load_group_option
-from experiments.run.schema import model_spec
-from kernels.uniform import UniformWeight
-from methods.quantizer import Grid
-from methods.rtn import round_to_nearest
+from quantlab.experiments.models.quantized import apply_formats, save_quantized_model
+from quantlab.experiments.run.cli import load_group_option
+from quantlab.experiments.run.schema import model_spec
+from quantlab.kernels.uniform import UniformWeight
+from quantlab.methods.quantizer import Grid
+from quantlab.methods.rtn import round_to_nearest
 
 Quantize = Callable[[str, torch.Tensor], UniformWeight]
 

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from experiments.export import ExportRefused, export_model
-from experiments.export.compressed_tensors import layer_tensors, quantization_config
-from experiments.export.readers import read_compressed_tensors
+from quantlab.experiments.export import ExportRefused, export_model
+from quantlab.experiments.export.compressed_tensors import layer_tensors, quantization_config
+from quantlab.experiments.export.readers import read_compressed_tensors
 from tests.experiments.export.conftest import act_order, fake_quant_copy, logits, rtn, save_tiny
 
 ct = pytest.importorskip("compressed_tensors")
@@ -82,7 +82,7 @@ def test_short_last_groups_repeat_their_scales():
 
 
 def quantization_config_group_size(formats):
-    from experiments.export.compressed_tensors import group_sizes
+    from quantlab.experiments.export.compressed_tensors import group_sizes
 
     (size,) = set(group_sizes(formats).values())
     return size
@@ -90,7 +90,7 @@ def quantization_config_group_size(formats):
 
 def test_one_group_size_serves_the_model_when_it_can():
     """SmolLM2 at g128: 576-wide layers need g64, 1536-wide ones allow g128; one scheme at g64."""
-    from experiments.export.compressed_tensors import group_sizes
+    from quantlab.experiments.export.compressed_tensors import group_sizes
 
     formats = {"a": rtn(4, 128)("a", torch.randn(8, 576)), "b": rtn(4, 128)("b", torch.randn(8, 1536))}
     assert group_sizes(formats) == {"a": 64, "b": 64}

@@ -6,11 +6,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
-from experiments.export import ExportRefused, export_model
-from experiments.export.gguf import gguf_blocks, rotary_rows
-from experiments.export.layout import Layout, refusal
-from experiments.export.readers import decode_gguf_blocks
-from methods.gguf import BLOCK_TYPES, quantize_weight
+from quantlab.experiments.export import ExportRefused, export_model
+from quantlab.experiments.export.gguf import gguf_blocks, rotary_rows
+from quantlab.experiments.export.layout import Layout, refusal
+from quantlab.experiments.export.readers import decode_gguf_blocks
+from quantlab.methods.gguf import BLOCK_TYPES, quantize_weight
 from tests.experiments.export.conftest import act_order, fake_quant_copy, logits, rtn, save_tiny
 from tests.methods.test_gguf import weights
 

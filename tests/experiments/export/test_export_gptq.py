@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from experiments.export import ExportRefused, export_model
-from experiments.export.gptq import awq_tensors, gptq_tensors
-from experiments.export.readers import read_awq, read_gptq, unpack_bits
+from quantlab.experiments.export import ExportRefused, export_model
+from quantlab.experiments.export.gptq import awq_tensors, gptq_tensors
+from quantlab.experiments.export.readers import read_awq, read_gptq, unpack_bits
 from tests.experiments.export.conftest import act_order, rtn, save_tiny
 
 

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-from experiments.export.cli import main as export_main
-from experiments.export.readers import read_compressed_tensors, read_gptq
-from experiments.models.quantized import load_formats
-from experiments.run.cli import run_from_config
+from quantlab.experiments.export.cli import main as export_main
+from quantlab.experiments.export.readers import read_compressed_tensors, read_gptq
+from quantlab.experiments.models.quantized import load_formats
+from quantlab.experiments.run.cli import run_from_config
 from tests.conftest import REPO, compose_config
 from tests.experiments.run.test_cli import TINY
 from tests.experiments.store.test_artifacts import cache  # noqa: F401  (fixture)
@@ -50,7 +50,7 @@ def test_the_command_refuses_with_the_reason(tmp_path, cache, data_dir):  # noqa
     run_from_config(compose_config(*TINY, "method.float_zero=true", "save_model=true"), tmp_path / "run",
                     progress=False)
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.export.cli", str(tmp_path / "run"), str(tmp_path / "out"),
+        [sys.executable, "-m", "quantlab.experiments.export.cli", str(tmp_path / "run"), str(tmp_path / "out"),
          "--format", "compressed-tensors"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
@@ -67,7 +67,7 @@ def test_a_folder_without_a_saved_model_is_a_message(tmp_path, capsys):
 @pytest.mark.parametrize("fmt", ["gguf", "awq"])
 def test_a_saved_model_with_act_order_is_refused_before_it_loads(fmt, tmp_path, cache, data_dir):  # noqa: F811
     """model=quantized evaluates a saved folder: its export is checked on its quantization.json."""
-    from methods.base import ConfigError
+    from quantlab.methods.base import ConfigError
 
     run_from_config(compose_config(*TINY, "method=gptq", "method.act_order=true", "save_model=true"),
                     tmp_path / "run", progress=False)
@@ -78,7 +78,7 @@ def test_a_saved_model_with_act_order_is_refused_before_it_loads(fmt, tmp_path, 
 
 
 def test_an_export_replaces_only_an_earlier_export(tmp_path, tiny_llama):
-    from experiments.export import MARKER, ExportRefused, export_model
+    from quantlab.experiments.export import MARKER, ExportRefused, export_model
     from tests.experiments.export.conftest import rtn, save_tiny
 
     save_tiny(tiny_llama, tmp_path / "saved", rtn(4, 32))

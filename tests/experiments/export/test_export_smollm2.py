@@ -12,9 +12,9 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from experiments.export import export_model
-from experiments.export.readers import decode_gguf_blocks
-from experiments.models.loading import package_gguf_path
+from quantlab.experiments.export import export_model
+from quantlab.experiments.export.readers import decode_gguf_blocks
+from quantlab.experiments.models.loading import package_gguf_path
 from tests.experiments.export.conftest import decoder_linears, fake_quant_copy, logits, rtn, save_tiny
 
 pytestmark = pytest.mark.slow

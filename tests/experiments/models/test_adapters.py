@@ -1,6 +1,6 @@
 import pytest
 
-from experiments.models.adapters import LLAMA_LIKE, OPT, UnsupportedArchitecture, architecture_for
+from quantlab.experiments.models.adapters import LLAMA_LIKE, OPT, UnsupportedArchitecture, architecture_for
 
 
 def test_unsupported_architecture_names_the_supported_ones():

@@ -3,8 +3,8 @@
 import json
 import os
 
-from experiments.models.loading import SOURCE_MANIFEST, VERIFIED_STAMP, _converted_copy_is_valid
-from experiments.store.cache import file_sha256
+from quantlab.experiments.models.loading import SOURCE_MANIFEST, VERIFIED_STAMP, _converted_copy_is_valid
+from quantlab.experiments.store.cache import file_sha256
 
 
 def converted(folder):

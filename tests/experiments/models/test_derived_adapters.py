@@ -9,8 +9,8 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM
 
-from experiments.evaluation.perplexity import perplexity, window_nll
-from experiments.models.adapters import (
+from quantlab.experiments.evaluation.perplexity import perplexity, window_nll
+from quantlab.experiments.models.adapters import (
     LLAMA_LIKE,
     OPT,
     UnsupportedArchitecture,
@@ -19,11 +19,11 @@ from experiments.models.adapters import (
     derive_architecture,
     resolve_architecture,
 )
-from experiments.models.loading import ModelSpec, load_model
-from experiments.run.pipeline import DecoderBlockView, capture_block_inputs, quantize_model
-from methods.awq import AWQ, AWQConfig
-from methods.gptq import GPTQ, GPTQConfig
-from methods.rtn import RTN, RTNConfig
+from quantlab.experiments.models.loading import ModelSpec, load_model
+from quantlab.experiments.run.pipeline import DecoderBlockView, capture_block_inputs, quantize_model
+from quantlab.methods.awq import AWQ, AWQConfig
+from quantlab.methods.gptq import GPTQ, GPTQConfig
+from quantlab.methods.rtn import RTN, RTNConfig
 
 VOCAB, SEQLEN = 128, 32
 CONFIGS = {

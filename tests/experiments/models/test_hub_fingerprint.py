@@ -2,8 +2,8 @@
 
 import transformers
 
-import experiments.models.loading as loading
-from experiments.models.loading import ModelSpec, load_model
+import quantlab.experiments.models.loading as loading
+from quantlab.experiments.models.loading import ModelSpec, load_model
 
 SHAPE = dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
              num_attention_heads=2, num_key_value_heads=1)

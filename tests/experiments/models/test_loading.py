@@ -2,8 +2,8 @@ import time
 
 import pytest
 
-from experiments.models import loading
-from experiments.models.loading import ModelNotAvailable, ModelSpec, load_model
+from quantlab.experiments.models import loading
+from quantlab.experiments.models.loading import ModelNotAvailable, ModelSpec, load_model
 
 
 def test_gguf_is_converted_once_and_reloads_fast(smollm2):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from experiments.evaluation.perplexity import perplexity
-from experiments.models.kv_cache import (
+from quantlab.experiments.evaluation.perplexity import perplexity
+from quantlab.experiments.models.kv_cache import (
     KVShape,
     QuantizedKVCache,
     QuantizedKVLayer,
@@ -16,8 +16,8 @@ from experiments.models.kv_cache import (
     check_kv_model,
     kv_shape,
 )
-from kernels.kv_cache import KVQuantizer, fake_quantize_states
-from kernels.packing import packed_words
+from quantlab.kernels.kv_cache import KVQuantizer, fake_quantize_states
+from quantlab.kernels.packing import packed_words
 from tests.conftest import _load
 
 WINDOWS = torch.randint(0, 49152, (3, 64), generator=torch.Generator().manual_seed(1))

@@ -1,7 +1,7 @@
 import json
 
-from experiments.records.tracking import flatten
-from experiments.run.cli import run_from_config
+from quantlab.experiments.records.tracking import flatten
+from quantlab.experiments.run.cli import run_from_config
 from tests.conftest import compose_config
 from tests.experiments.run.test_cli import TINY
 
@@ -26,13 +26,13 @@ def test_wandb_run_is_finished_when_the_run_fails(tmp_path, monkeypatch):
     import pytest
     import wandb
 
-    import experiments.run.flow
+    import quantlab.experiments.run.flow
 
     def broken_load(*args, **kwargs):
         raise RuntimeError("the model could not be loaded")
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setattr(experiments.run.flow, "load_model", broken_load)
+    monkeypatch.setattr(quantlab.experiments.run.flow, "load_model", broken_load)
     with pytest.raises(RuntimeError, match="could not be loaded"):
         run_from_config(compose_config(*TINY, "logger=wandb"), tmp_path / "run", progress=False)
     assert wandb.run is None, "the failed run's tracker was finished"

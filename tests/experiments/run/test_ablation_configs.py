@@ -4,10 +4,10 @@ validates, and each setting is repeated over three calibration seeds for quantla
 import pytest
 from hydra import compose, initialize_config_dir
 
-from experiments.run.callbacks import sweep_jobs
-from experiments.run.checks import check_run
-from experiments.run.cli import load_group_option
-from experiments.run.schema import validate
+from quantlab.experiments.run.callbacks import sweep_jobs
+from quantlab.experiments.run.checks import check_run
+from quantlab.experiments.run.cli import load_group_option
+from quantlab.experiments.run.schema import validate
 from tests.conftest import CONF_DIR
 
 ABLATIONS = sorted(p.stem for p in (CONF_DIR / "experiment" / "ablation").glob("*.yaml"))

@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
-from experiments.run import activations
-from experiments.run.activations import StaticCalibration
-from experiments.run.pipeline import quantize_model
-from experiments.run.schema import ActConfig, ObserverConfig
-from kernels.activations import INPUT_QUANTIZER
-from methods.gptq import GPTQ, GPTQConfig
-from methods.rtn import RTN, RTNConfig
+from quantlab.experiments.run import activations
+from quantlab.experiments.run.activations import StaticCalibration
+from quantlab.experiments.run.pipeline import quantize_model
+from quantlab.experiments.run.schema import ActConfig, ObserverConfig
+from quantlab.kernels.activations import INPUT_QUANTIZER
+from quantlab.methods.gptq import GPTQ, GPTQConfig
+from quantlab.methods.rtn import RTN, RTNConfig
 from tests.conftest import _load, run_quantlab
 from tests.experiments.store.test_shared_inputs import private_cache
 

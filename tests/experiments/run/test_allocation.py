@@ -10,12 +10,12 @@ from fractions import Fraction
 
 import pytest
 
-from experiments.run.allocation import UnitCosts, greedy_allocation, unit_rules
-from experiments.run.cli import load_group_option
-from experiments.run.module_rules import check_matches, linear_paths, parse_rules
-from experiments.run.schema import model_spec, validate
-from methods import ConfigError
-from methods.rtn import RTNConfig
+from quantlab.experiments.run.allocation import UnitCosts, greedy_allocation, unit_rules
+from quantlab.experiments.run.cli import load_group_option
+from quantlab.experiments.run.module_rules import check_matches, linear_paths, parse_rules
+from quantlab.experiments.run.schema import model_spec, validate
+from quantlab.methods import ConfigError
+from quantlab.methods.rtn import RTNConfig
 from tests.conftest import compose_config
 
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -142,7 +142,7 @@ def _brute_force(units: list[UnitCosts], widths: list[int], target: float) -> fl
 
 
 def test_dp_is_optimal_where_the_greedy_is_not_and_stays_within_the_budget():
-    from experiments.run.allocation import dp_allocation
+    from quantlab.experiments.run.allocation import dp_allocation
 
     # greedy: b 2->3 first (per bit 0.08 > a's 0.07), then a's 2->8 no longer fits; optimum: a at 8
     units = [_unit("a", {2: 50, 3: 49, 8: 8}), _unit("b", {2: 10, 3: 2, 8: 1.9})]
@@ -180,7 +180,7 @@ def test_a_record_of_other_weights_is_refused_once_the_model_loads(tmp_path):
     fingerprint the record carries must be the loaded model's."""
     from types import SimpleNamespace
 
-    from experiments.run.flow import _check_allocation_model
+    from quantlab.experiments.run.flow import _check_allocation_model
 
     run = _validate("allocation.target_bits=3.0", f"allocation.sensitivity={_record(tmp_path)[0]}")
     run.allocation.model_fingerprint = "random:aaaa:seed=0"

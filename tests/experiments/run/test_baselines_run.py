@@ -3,7 +3,7 @@ record, and a saved model that reloads (fake and packed) with the run's perplexi
 
 import pytest
 
-from experiments.run.cli import run_from_config
+from quantlab.experiments.run.cli import run_from_config
 from tests.conftest import compose_config
 from tests.experiments.run.test_cli import TINY
 from tests.experiments.store.test_artifacts import cache, ppl  # noqa: F401, F811  (the private-cache fixture; a record's perplexities)

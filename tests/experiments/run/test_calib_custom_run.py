@@ -6,9 +6,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from experiments.data.sources import load_rows
-from experiments.records.reporting.records import calib_label
-from experiments.run.cli import run_from_config
+from quantlab.experiments.data.sources import load_rows
+from quantlab.experiments.records.reporting.records import calib_label
+from quantlab.experiments.run.cli import run_from_config
 from tests.conftest import compose_config
 from tests.experiments.run.test_cli import TINY
 from tests.experiments.store.test_artifacts import cache, ppl  # noqa: F401, F811  (the private-cache fixture; a record's perplexities)

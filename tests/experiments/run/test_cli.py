@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from experiments.records.record import NOT_FINISHED, SCHEMA_VERSION
-from experiments.run.cli import run_from_config
-from methods.base import ConfigError
+from quantlab.experiments.records.record import NOT_FINISHED, SCHEMA_VERSION
+from quantlab.experiments.run.cli import run_from_config
+from quantlab.methods.base import ConfigError
 from tests.conftest import compose_config
 
 TINY = [
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[3]
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """A private baseline cache, sharing the converted-model cache (so no re-conversion)."""
-    from experiments.store.cache import cache_root
+    from quantlab.experiments.store.cache import cache_root
 
     shared = cache_root()
     private = tmp_path / "cache"
@@ -93,7 +93,7 @@ def test_a_refused_config_writes_no_record_unless_asked(tmp_path):
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "experiments.run.cli", *overrides, f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "quantlab.experiments.run.cli", *overrides, f"hydra.run.dir={tmp_path}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -175,8 +175,8 @@ def test_sweep_run_directories_stay_flat_when_an_override_holds_a_slash():
     """`experiment=smollm2/gptq_vs_rtn` in a sweep names one directory, not two nested ones."""
     from omegaconf import OmegaConf
 
-    import experiments.run.cli  # noqa: F401  registers the path_safe resolver
+    import quantlab.experiments.run.cli  # noqa: F401  registers the path_safe resolver
 
     resolve = OmegaConf.create({"d": "${path_safe:'experiment=smollm2/gptq_vs_rtn,method=awq'}"})
     assert resolve.d == "experiment=smollm2-gptq_vs_rtn,method=awq"
-    assert "path_safe" in (Path(experiments.run.cli.CONF_DIR) / "config.yaml").read_text()
+    assert "path_safe" in (Path(quantlab.experiments.run.cli.CONF_DIR) / "config.yaml").read_text()

@@ -9,9 +9,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from experiments.run.cli import CONF_DIR, load_group_option
-from experiments.run.schema import validate
-from methods.base import ConfigError
+from quantlab.experiments.run.cli import CONF_DIR, load_group_option
+from quantlab.experiments.run.schema import validate
+from quantlab.methods.base import ConfigError
 from tests.conftest import run_quantlab
 from tests.experiments.run.test_cli import TINY
 

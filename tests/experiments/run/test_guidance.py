@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import experiments.models.loading as loading
-import experiments.run.cli as cli
-import experiments.run.flow as flow
+import quantlab.experiments.models.loading as loading
+import quantlab.experiments.run.cli as cli
+import quantlab.experiments.run.flow as flow
 from tests.conftest import run_quantlab
 
 BASE = [
@@ -62,7 +62,7 @@ def _left_behind(tmp_path: Path) -> list[Path]:
 
 def _cache(tmp_path: Path) -> Path:
     """A private cache sharing the converted-model cache (the tokenizer is not converted again)."""
-    from experiments.store.cache import cache_root
+    from quantlab.experiments.store.cache import cache_root
 
     private = tmp_path / "cache"
     private.mkdir()
@@ -159,7 +159,7 @@ def test_each_stage_logs_one_line_to_the_console_and_the_run_log(tmp_path, data_
 
 def test_the_perplexity_pass_shows_a_progress_bar_over_its_windows(tmp_path, data_dir, capsys, monkeypatch):
     """On a terminal (`progress`), beside the block driver's bar."""
-    from experiments.run.cli import run_from_config
+    from quantlab.experiments.run.cli import run_from_config
     from tests.conftest import compose_config
 
     monkeypatch.setenv("QUANTLAB_CACHE_DIR", str(_cache(tmp_path)))

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from experiments.records.record import config_hash
-from experiments.records.reporting.records import entry_row
-from experiments.records.reporting.text import run_rows
+from quantlab.experiments.records.record import config_hash
+from quantlab.experiments.records.reporting.records import entry_row
+from quantlab.experiments.records.reporting.text import run_rows
 from tests.conftest import compose_config, run_quantlab
 from tests.experiments.store.test_shared_inputs import private_cache
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 
-from experiments.records.reporting import load_runs, pareto_plot, parse_metric
-from experiments.records.reporting.cli import main as report_main
-from experiments.records.reporting.plots import BITS_AXIS_LABEL
-from experiments.store.cache import computations, read_events
+from quantlab.experiments.records.reporting import load_runs, pareto_plot, parse_metric
+from quantlab.experiments.records.reporting.cli import main as report_main
+from quantlab.experiments.records.reporting.plots import BITS_AXIS_LABEL
+from quantlab.experiments.store.cache import computations, read_events
 from tests.conftest import run_quantlab
 from tests.experiments.store.test_shared_inputs import kinds, private_cache
 
@@ -114,7 +114,7 @@ def test_submitit_local_sweep_runs_in_subprocesses_and_is_reported(tmp_path, cap
 def test_slurm_example_selects_the_submitit_slurm_launcher():
     from hydra import compose, initialize_config_dir
 
-    from experiments.run.cli import CONF_DIR
+    from quantlab.experiments.run.cli import CONF_DIR
 
     example = CONF_DIR / "local" / "slurm.example.yaml"
     assert example.is_file()

@@ -1,7 +1,7 @@
 """The malformed-config table: every bad input stops before the model loads, with a non-zero exit,
 no traceback and a message that names the bad key or file.
 
-Each case runs the real CLI entry point (`experiments.run.cli.app`, Hydra included) in this process,
+Each case runs the real CLI entry point (`quantlab.experiments.run.cli.app`, Hydra included) in this process,
 with `load_model` replaced by a tripwire, so the table of 80-odd cases costs seconds, not a
 Python start and a model load each. A case passes when the exit status is non-zero, neither
 stream holds a traceback, stderr names the key or file (`needle`), the tripwire never fired and
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-import experiments.models.loading as loading
-import experiments.run.cli as cli
-import experiments.run.flow as run_module
+import quantlab.experiments.models.loading as loading
+import quantlab.experiments.run.cli as cli
+import quantlab.experiments.run.flow as run_module
 
 BASE = [
     "model=tiny-llama", "method=rtn", "calib=pydocs", "calib.nsamples=2",
@@ -412,7 +412,7 @@ def test_a_text_with_too_few_tokens_is_a_message_after_tokenization(tmp_path, ca
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     args = [*BASE, "eval.ppl.datasets=[wikitext2]", "eval.ppl.seqlen=128", f"paths.data_dir={tmp_path / 'data'}",
             f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"]
-    from experiments.store.cache import cache_root
+    from quantlab.experiments.store.cache import cache_root
 
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "models").symlink_to(cache_root() / "models")  # the converted tokenizer, shared
@@ -432,12 +432,12 @@ def test_fp16_is_named_for_what_it_is():
 def test_a_full_output_folder_is_a_message(tmp_path, tripwire, capsys, monkeypatch):
     import errno
 
-    import experiments.records.record
+    import quantlab.experiments.records.record
 
     def full(path, obj):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(experiments.records.record, "atomic_write_json", full)
+    monkeypatch.setattr(quantlab.experiments.records.record, "atomic_write_json", full)
     status, output, err = invoke([*BASE, f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}"],
                                  capsys, monkeypatch)
     assert status == 1 and "Traceback" not in output, output

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.run.module_rules import check_matches, parse_rules, rule_for, segments
-from methods import ConfigError
-from methods.gptq import GPTQConfig
+from quantlab.experiments.run.module_rules import check_matches, parse_rules, rule_for, segments
+from quantlab.methods import ConfigError
+from quantlab.methods.gptq import GPTQConfig
 
 PATHS = [f"model.layers.{i}.{name}" for i in range(3) for name in
          ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

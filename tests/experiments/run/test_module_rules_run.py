@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from experiments.run.module_rules import parse_rules
-from experiments.run.pipeline import quantize_model
-from methods import ConfigError
-from methods.awq import AWQ, AWQConfig
-from methods.gptq import GPTQ, GPTQConfig
-from methods.rtn import RTN, RTNConfig
+from quantlab.experiments.run.module_rules import parse_rules
+from quantlab.experiments.run.pipeline import quantize_model
+from quantlab.methods import ConfigError
+from quantlab.methods.awq import AWQ, AWQConfig
+from quantlab.methods.gptq import GPTQ, GPTQConfig
+from quantlab.methods.rtn import RTN, RTNConfig
 from tests.conftest import _load, run_quantlab
 from tests.experiments.store.test_shared_inputs import private_cache
 
@@ -76,7 +76,7 @@ def test_skipped_linears_stay_bit_identical_and_count_at_16_bits():
 
 
 def test_awq_refuses_rules_that_split_a_scaling_group():
-    from experiments.run.module_rules import check_model
+    from quantlab.experiments.run.module_rules import check_model
 
     loaded = _load("tiny-llama")
     rules = parse_rules([{"match": "q_proj", "bits": 4}], "awq", AWQConfig(bits=3, group_size=32))

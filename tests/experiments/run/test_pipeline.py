@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from experiments.run.pipeline import DecoderBlockView, capture_block_inputs, quantize_model
-from methods.fp16 import FP16Config, FullPrecision
-from methods.quantizer import Grid
-from methods.rtn import RTN, RTNConfig, round_to_nearest
+from quantlab.experiments.run.pipeline import DecoderBlockView, capture_block_inputs, quantize_model
+from quantlab.methods.fp16 import FP16Config, FullPrecision
+from quantlab.methods.quantizer import Grid
+from quantlab.methods.rtn import RTN, RTNConfig, round_to_nearest
 
 
 def calib(n=6, seqlen=32, seed=0):
@@ -106,7 +106,7 @@ def test_linears_of_a_scaling_group_receive_the_identical_input(fixture, request
 
 
 def test_gptq_shares_one_hessian_per_distinct_input_and_counts_sequences(tiny_llama):
-    from methods.gptq import GPTQ, GPTQConfig
+    from quantlab.methods.gptq import GPTQ, GPTQConfig
 
     ids = calib(n=6, seqlen=32)
     report = quantize_model(
@@ -153,7 +153,7 @@ def test_last_pass_that_stops_before_the_checkpoint_keeps_the_inputs(tiny_llama)
 
 
 def test_gptq_through_the_driver_is_bit_identical_across_runs(request):
-    from methods.gptq import GPTQ, GPTQConfig
+    from quantlab.methods.gptq import GPTQ, GPTQConfig
 
     weights = []
     for _ in range(2):

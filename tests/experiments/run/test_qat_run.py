@@ -1,4 +1,4 @@
-"""QAT end to end: `python -m experiments.run.cli model=tiny-llama method=qat bits=3 method.steps=5`
+"""QAT end to end: `python -m quantlab.experiments.run.cli model=tiny-llama method=qat bits=3 method.steps=5`
 writes the loss curve into result.json and quantlab-report plots it; a QAT run exports as RTN's
 grid does."""
 
@@ -6,11 +6,11 @@ import json
 
 import torch
 
-from experiments.export.readers import read_gptq
-from experiments.models.quantized import load_formats
-from experiments.records.reporting import load_curves, load_runs, loss_plot
-from experiments.records.reporting.cli import main as report_main
-from experiments.run.cli import run_from_config
+from quantlab.experiments.export.readers import read_gptq
+from quantlab.experiments.models.quantized import load_formats
+from quantlab.experiments.records.reporting import load_curves, load_runs, loss_plot
+from quantlab.experiments.records.reporting.cli import main as report_main
+from quantlab.experiments.run.cli import run_from_config
 from tests.conftest import compose_config, run_quantlab
 from tests.experiments.run.test_cli import TINY
 from tests.experiments.store.test_artifacts import cache  # noqa: F401  (fixture)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.records.reporting import load_runs
+from quantlab.experiments.records.reporting import load_runs
 
 REPO = Path(__file__).resolve().parents[3]
 SWEEP = [
@@ -23,7 +23,7 @@ SWEEP = [
 def sweep(tmp_path: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", QUANTLAB_OUTPUT_DIR=str(tmp_path / "out"))
     return subprocess.Popen(
-        [sys.executable, "-m", "experiments.run.cli", *SWEEP, *extra, f"paths.cache_dir={tmp_path / 'cache'}"],
+        [sys.executable, "-m", "quantlab.experiments.run.cli", *SWEEP, *extra, f"paths.cache_dir={tmp_path / 'cache'}"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
 

@@ -7,10 +7,10 @@ import pytest
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from experiments.run.checks import check_run
-from experiments.run.cli import CONF_DIR, load_group_option
-from experiments.run.schema import validate
-from methods.base import ConfigError
+from quantlab.experiments.run.checks import check_run
+from quantlab.experiments.run.cli import CONF_DIR, load_group_option
+from quantlab.experiments.run.schema import validate
+from quantlab.methods.base import ConfigError
 from tests.conftest import compose_config
 
 

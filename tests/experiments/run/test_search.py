@@ -9,10 +9,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from experiments.run.cli import load_group_option
-from experiments.run.objective import check_objectives, missing_search_plugin, objective, over_budget
-from experiments.run.schema import validate
-from methods.base import ConfigError
+from quantlab.experiments.run.cli import load_group_option
+from quantlab.experiments.run.objective import check_objectives, missing_search_plugin, objective, over_budget
+from quantlab.experiments.run.schema import validate
+from quantlab.methods.base import ConfigError
 from tests.conftest import CONF_DIR, compose_config, run_quantlab
 from tests.experiments.records.reporting.test_report_records import make_record
 from tests.experiments.store.test_shared_inputs import private_cache

@@ -9,11 +9,16 @@ import math
 import pytest
 import torch
 
-from experiments.run.cli import load_group_option
-from experiments.run.schema import validate
-from experiments.run.sensitivity import full_precision_hessians, measure_unit, reference_pass, units_of
-from methods import ConfigError
-from methods.rtn import RTNConfig
+from quantlab.experiments.run.cli import load_group_option
+from quantlab.experiments.run.schema import validate
+from quantlab.experiments.run.sensitivity import (
+    full_precision_hessians,
+    measure_unit,
+    reference_pass,
+    units_of,
+)
+from quantlab.methods import ConfigError
+from quantlab.methods.rtn import RTNConfig
 from tests.conftest import _load, compose_config, run_quantlab
 from tests.experiments.store.test_shared_inputs import private_cache
 

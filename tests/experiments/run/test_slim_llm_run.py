@@ -7,10 +7,15 @@ import json
 import pytest
 import torch
 
-from experiments.run.allocation_files import attach, read_allocation, table_from_layers, write_allocation
-from experiments.run.cli import run_from_config
-from kernels import format_from_packed
-from methods.slim_llm import SliMLLM, SliMLLMConfig
+from quantlab.experiments.run.allocation_files import (
+    attach,
+    read_allocation,
+    table_from_layers,
+    write_allocation,
+)
+from quantlab.experiments.run.cli import run_from_config
+from quantlab.kernels import format_from_packed
+from quantlab.methods.slim_llm import SliMLLM, SliMLLMConfig
 from tests.conftest import compose_config
 from tests.experiments.run.test_cli import TINY, isolated_cache  # noqa: F401  (fixture)
 
@@ -61,14 +66,14 @@ def test_an_allocation_file_reaches_the_method(tmp_path):
 
 
 def test_a_missing_allocation_file_fails_before_the_model_loads(tmp_path):
-    from methods.base import ConfigError
+    from quantlab.methods.base import ConfigError
 
     with pytest.raises(ConfigError, match="no such file"):
         run_from_config(compose_config(*SLIM, f"method.allocation={tmp_path / 'none.pt'}"), tmp_path / "x", progress=False)
 
 
 def test_packed_slim_weights_round_trip():
-    from methods.slim_llm import slim_quantize
+    from quantlab.methods.slim_llm import slim_quantize
     from tests.methods.test_slim_llm import problem
 
     w, H, _ = problem(rows=8, cols=64)
@@ -81,9 +86,9 @@ def test_the_quantization_cache_keys_the_allocation_by_content(tmp_path, tiny_ll
     """Rewriting an allocation file in place must not reuse weights quantized with the old one."""
     from types import SimpleNamespace
 
-    from experiments.run.cli import load_group_option
-    from experiments.run.schema import validate
-    from experiments.store.artifacts import QuantizedStore
+    from quantlab.experiments.run.cli import load_group_option
+    from quantlab.experiments.run.schema import validate
+    from quantlab.experiments.store.artifacts import QuantizedStore
 
     path = tmp_path / "alloc.pt"
     run = validate(compose_config(*SLIM, f"method.allocation={path}"), load_group_option)

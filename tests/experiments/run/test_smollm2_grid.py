@@ -5,10 +5,10 @@ model exactly: a real check of the grids, the group indexing and the driver on a
 import pytest
 import torch
 
-from experiments.data.protocols import eval_windows
-from experiments.evaluation.perplexity import perplexity
-from experiments.run.pipeline import quantize_model
-from methods.rtn import RTN, RTNConfig
+from quantlab.experiments.data.protocols import eval_windows
+from quantlab.experiments.evaluation.perplexity import perplexity
+from quantlab.experiments.run.pipeline import quantize_model
+from quantlab.methods.rtn import RTN, RTNConfig
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """A finished run is reused only for the same data: resume is keyed by the content fingerprints
 of the texts it read, not by their paths (a rerun with another QUANTLAB_DATA_DIR kept old numbers)."""
 
-from experiments.run.cli import run_from_config
+from quantlab.experiments.run.cli import run_from_config
 from tests.conftest import compose_config
 from tests.experiments.run.test_cli import TINY, isolated_cache  # noqa: F401  (a fixture)
 

@@ -20,7 +20,7 @@ def quantlab_in(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     env.pop("QUANTLAB_OUTPUT_DIR", None)
-    return subprocess.run([sys.executable, "-m", "experiments.run.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "quantlab.experiments.run.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
 

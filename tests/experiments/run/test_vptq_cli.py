@@ -3,10 +3,10 @@ model reloads to the same perplexity (the centroids are fp16 before the pass: no
 
 import pytest
 
-from experiments.models.quantized import EXACT_FILE, WEIGHTS_FILE, files_are_intact, load_formats
-from experiments.run.cli import run_from_config
-from kernels import CodebookWeight
-from methods.vptq import VPTQConfig, layer_bits
+from quantlab.experiments.models.quantized import EXACT_FILE, WEIGHTS_FILE, files_are_intact, load_formats
+from quantlab.experiments.run.cli import run_from_config
+from quantlab.kernels import CodebookWeight
+from quantlab.methods.vptq import VPTQConfig, layer_bits
 from tests.conftest import compose_config
 from tests.experiments.run.test_cli import TINY
 from tests.experiments.store.test_artifacts import cache, ppl  # noqa: F401  (fixture)

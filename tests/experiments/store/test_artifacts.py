@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.models.quantized import (
+from quantlab.experiments.models.quantized import (
     EXACT_FILE,
     QUANT_CONFIG_FILE,
     WEIGHTS_FILE,
@@ -15,11 +15,11 @@ from experiments.models.quantized import (
     load_formats,
     load_quantized_model,
 )
-from experiments.records.reporting.text import run_rows
-from experiments.run.cli import load_group_option, run_from_config
-from experiments.run.schema import validate
-from experiments.store.cache import read_events
-from methods.base import ConfigError
+from quantlab.experiments.records.reporting.text import run_rows
+from quantlab.experiments.run.cli import load_group_option, run_from_config
+from quantlab.experiments.run.schema import validate
+from quantlab.experiments.store.cache import read_events
+from quantlab.methods.base import ConfigError
 from tests.conftest import compose_config
 from tests.experiments.run.test_cli import TINY
 from tests.experiments.store.test_shared_inputs import private_cache

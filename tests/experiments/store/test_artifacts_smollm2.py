@@ -7,11 +7,11 @@ measured on SmolLM2 in the README."""
 import pytest
 import torch
 
-from experiments.data.protocols import eval_windows
-from experiments.evaluation.perplexity import perplexity
-from experiments.models.adapters import architecture_for
-from experiments.models.quantized import WEIGHTS_FILE, load_quantized_model
-from experiments.run.cli import run_from_config
+from quantlab.experiments.data.protocols import eval_windows
+from quantlab.experiments.evaluation.perplexity import perplexity
+from quantlab.experiments.models.adapters import architecture_for
+from quantlab.experiments.models.quantized import WEIGHTS_FILE, load_quantized_model
+from quantlab.experiments.run.cli import run_from_config
 from tests.conftest import compose_config
 from tests.experiments.store.test_artifacts import cache, ppl  # noqa: F401  (fixture)
 

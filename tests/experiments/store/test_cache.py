@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments.store.cache import Cache, build_dir_once, computations, key_hash, read_events
+from quantlab.experiments.store.cache import Cache, build_dir_once, computations, key_hash, read_events
 
 REPO = Path(__file__).resolve().parents[3]
 KEY = {"model": "m", "calib": {"dataset": "pydocs", "nsamples": 4}, "batch_size": 2}
@@ -124,7 +124,7 @@ def test_a_cache_that_cannot_be_written_warns_and_computes(tmp_path, caplog):
 WORKER = """
     import os, sys, time
     from pathlib import Path
-    from experiments.store.cache import Cache
+    from quantlab.experiments.store.cache import Cache
     root, go = Path(sys.argv[1]), Path(sys.argv[2])
     while not go.exists():
         time.sleep(0.005)
@@ -154,7 +154,7 @@ KILLED_WRITER = """
     import io, sys, time
     from pathlib import Path
     import torch
-    import experiments.store.cache as cache
+    import quantlab.experiments.store.cache as cache
     root, stage, marker = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     real_save, real_json = torch.save, cache.atomic_write_json
 
@@ -209,7 +209,7 @@ def test_no_entry_survives_a_writer_killed_mid_write(tmp_path, stage):
 DIR_BUILDER = """
     import sys, time
     from pathlib import Path
-    from experiments.store.cache import build_dir_once
+    from quantlab.experiments.store.cache import build_dir_once
     root, go = Path(sys.argv[1]), Path(sys.argv[2])
     while not go.exists():
         time.sleep(0.005)

@@ -6,18 +6,18 @@ from pathlib import Path
 
 import torch
 
-from experiments.data.calibration import CalibrationSpec, calibration_set
-from experiments.data.protocols import eval_windows
-from experiments.run.cli import run_from_config
-from experiments.run.pipeline import capture_block_inputs, quantize_model
-from experiments.store.cache import cache_root, computations, read_events
-from experiments.store.shared_inputs import (
+from quantlab.experiments.data.calibration import CalibrationSpec, calibration_set
+from quantlab.experiments.data.protocols import eval_windows
+from quantlab.experiments.run.cli import run_from_config
+from quantlab.experiments.run.pipeline import capture_block_inputs, quantize_model
+from quantlab.experiments.store.cache import cache_root, computations, read_events
+from quantlab.experiments.store.shared_inputs import (
     cached_block_inputs,
     cached_calibration_set,
     cached_eval_windows,
     tokenizer_fingerprint,
 )
-from methods import get_method_class
+from quantlab.methods import get_method_class
 from tests.conftest import compose_config
 from tests.experiments.run.test_cli import TINY
 

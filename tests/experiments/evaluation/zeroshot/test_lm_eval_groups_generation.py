@@ -10,12 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from experiments.evaluation.statistics import mean_stderr
-from experiments.evaluation.zeroshot.results import entry_metrics
-from experiments.evaluation.zeroshot.runner import Prompting, evaluate_tasks
-from experiments.evaluation.zeroshot.stage import check_tokenizer, plan_tasks
-from experiments.evaluation.zeroshot.tasks import resolve_tasks
-from methods.base import ConfigError
+from quantlab.experiments.evaluation.statistics import mean_stderr
+from quantlab.experiments.evaluation.zeroshot.results import entry_metrics
+from quantlab.experiments.evaluation.zeroshot.runner import Prompting, evaluate_tasks
+from quantlab.experiments.evaluation.zeroshot.stage import check_tokenizer, plan_tasks
+from quantlab.experiments.evaluation.zeroshot.tasks import resolve_tasks
+from quantlab.methods.base import ConfigError
 from tests.conftest import compose_config
 from tests.experiments.evaluation.test_zeroshot_and_kl import TINY, private_cache  # noqa: F401 (a fixture)
 
@@ -164,8 +164,8 @@ def test_text_and_unusable_metric_values_are_kept_or_skipped_with_a_reason():
 
 
 def test_prompt_settings_are_validated_before_any_model(task_dir, monkeypatch):
-    from experiments.run.cli import load_group_option
-    from experiments.run.schema import validate
+    from quantlab.experiments.run.cli import load_group_option
+    from quantlab.experiments.run.schema import validate
 
     def check(*overrides):
         return validate(compose_config(*overrides), load_group_option)
@@ -177,7 +177,7 @@ def test_prompt_settings_are_validated_before_any_model(task_dir, monkeypatch):
         check("eval.num_fewshot=-1")
     run = check("eval.apply_chat_template=true", f"eval.include_path={task_dir}", "eval.tasks=[tiny_gen]")
     assert run.eval.fewshot_as_multiturn is None and [t.source for t in plan_tasks(run.eval)] == ["include"]
-    from experiments.run.preflight import check_tasks
+    from quantlab.experiments.run.preflight import check_tasks
 
     assert check_tasks(run) == {"task:tiny_gen": f"include:{plan_tasks(run.eval)[0].protocol['files_sha256']}"}
     with pytest.raises(ConfigError, match="eval.include_path"):
@@ -188,9 +188,9 @@ def test_prompt_settings_are_validated_before_any_model(task_dir, monkeypatch):
 
 @pytest.mark.usefixtures("private_cache")
 def test_a_run_records_groups_generation_prompt_settings_and_lm_evals_files(task_dir, tmp_path):
-    from experiments.records.reporting.text import render, run_rows
-    from experiments.records.tracking import fidelity_summary
-    from experiments.run.cli import run_from_config
+    from quantlab.experiments.records.reporting.text import render, run_rows
+    from quantlab.experiments.records.tracking import fidelity_summary
+    from quantlab.experiments.run.cli import run_from_config
 
     overrides = [o for o in TINY if not o.startswith(("eval.tasks", "eval.limit"))]
     config = compose_config(*overrides, "eval.tasks=[tiny_group,tiny_gen]", f"eval.include_path={task_dir}",

@@ -4,11 +4,11 @@ says so on 20 LAMBADA items; the model compared with itself gives a zero interva
 import pytest
 import torch
 
-from experiments.evaluation.statistics import task_delta
-from experiments.evaluation.zeroshot.runner import evaluate_tasks
-from experiments.evaluation.zeroshot.tasks import resolve_tasks
-from experiments.run.pipeline import quantize_model
-from methods.rtn import RTN, RTNConfig
+from quantlab.experiments.evaluation.statistics import task_delta
+from quantlab.experiments.evaluation.zeroshot.runner import evaluate_tasks
+from quantlab.experiments.evaluation.zeroshot.tasks import resolve_tasks
+from quantlab.experiments.run.pipeline import quantize_model
+from quantlab.methods.rtn import RTN, RTNConfig
 
 pytestmark = pytest.mark.slow
 

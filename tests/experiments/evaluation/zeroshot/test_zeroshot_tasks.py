@@ -6,9 +6,9 @@ of experiments/evaluation/zeroshot/local_data.py."""
 
 import pytest
 
-from experiments.evaluation.zeroshot.parity import REPRODUCED, compare_on_model, reference_config
-from experiments.evaluation.zeroshot.tasks import resolve_tasks, task_manager
-from methods.base import ConfigError
+from quantlab.experiments.evaluation.zeroshot.parity import REPRODUCED, compare_on_model, reference_config
+from quantlab.experiments.evaluation.zeroshot.tasks import resolve_tasks, task_manager
+from quantlab.methods.base import ConfigError
 
 PUBLISHED = {"piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "hellaswag_local": 10042, "winogrande": 1267,
              "boolq": 3270, "lambada_openai": 5153}
@@ -100,11 +100,11 @@ def test_auto_prefers_the_local_files_without_the_offline_variables(data_dir, tm
 
 
 def test_config_errors_come_before_any_model():
-    from experiments.run.schema import validate
+    from quantlab.experiments.run.schema import validate
     from tests.conftest import compose_config
 
     def check(*overrides):
-        from experiments.run.cli import load_group_option
+        from quantlab.experiments.run.cli import load_group_option
 
         return validate(compose_config(*overrides), load_group_option)
 
@@ -119,9 +119,9 @@ def test_config_errors_come_before_any_model():
 
 
 def test_few_shot_needs_a_training_split_offline(data_dir, monkeypatch):
-    from experiments.evaluation.zeroshot.stage import plan_tasks
-    from experiments.run.cli import load_group_option
-    from experiments.run.schema import validate
+    from quantlab.experiments.evaluation.zeroshot.stage import plan_tasks
+    from quantlab.experiments.run.cli import load_group_option
+    from quantlab.experiments.run.schema import validate
     from tests.conftest import compose_config
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

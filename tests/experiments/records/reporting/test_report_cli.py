@@ -5,8 +5,8 @@ import json
 
 import pandas as pd
 
-from experiments.records.reporting.cli import main as report_main
-from experiments.store.cache import atomic_write_json
+from quantlab.experiments.records.reporting.cli import main as report_main
+from quantlab.experiments.store.cache import atomic_write_json
 from tests.experiments.records.reporting.test_report_records import write_run
 
 

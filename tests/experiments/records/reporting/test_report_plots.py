@@ -3,9 +3,9 @@
 import pandas as pd
 import pytest
 
-from experiments.records.reporting.metrics import parse_metric
-from experiments.records.reporting.plots import layers_plot, pareto_front, pareto_plot
-from experiments.records.reporting.records import ReportError, load_layers, load_runs
+from quantlab.experiments.records.reporting.metrics import parse_metric
+from quantlab.experiments.records.reporting.plots import layers_plot, pareto_front, pareto_plot
+from quantlab.experiments.records.reporting.records import ReportError, load_layers, load_runs
 from tests.experiments.records.reporting.test_report_records import write_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -80,8 +80,8 @@ def test_layers_plot_refuses_a_whole_sweep(sweep, tmp_path):
 
 
 def test_bitmap_plot_shows_each_groups_width(tmp_path):
-    from experiments.records.reporting.plots import bitmap_plot
-    from experiments.store.cache import atomic_write_json
+    from quantlab.experiments.records.reporting.plots import bitmap_plot
+    from quantlab.experiments.store.cache import atomic_write_json
     from tests.experiments.records.reporting.test_report_records import make_record
 
     record = make_record(method="slim_llm", bits=2)
@@ -103,6 +103,6 @@ def test_bitmap_plot_shows_each_groups_width(tmp_path):
 
 def test_bitmap_plot_needs_an_allocation(sweep):
     with pytest.raises(ReportError, match="per-group allocation"):
-        from experiments.records.reporting.plots import bitmap_plot
+        from quantlab.experiments.records.reporting.plots import bitmap_plot
 
         bitmap_plot(load_layers(sweep[sweep["bits"].eq(3) & sweep["method"].eq("gptq")]))

@@ -9,9 +9,9 @@ import math
 import pandas as pd
 import pytest
 
-from experiments.records.record import NOT_FINISHED, config_hash
-from experiments.records.reporting.records import load_layers, load_runs
-from experiments.store.cache import atomic_write_json
+from quantlab.experiments.records.record import NOT_FINISHED, config_hash
+from quantlab.experiments.records.reporting.records import load_layers, load_runs
+from quantlab.experiments.store.cache import atomic_write_json
 
 ROLES = [("self_attn", r) for r in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
     ("mlp", r) for r in ("gate_proj", "up_proj", "down_proj")]

@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from experiments.records.record import replicate_hash
-from experiments.records.reporting.cli import main as report_main
-from experiments.records.reporting.metrics import parse_metric
-from experiments.records.reporting.records import ReportError, load_runs
-from experiments.records.reporting.replicates import combine_replicates
-from experiments.records.reporting.tables import pivot
-from experiments.records.reporting.versus import format_versus, versus_table
-from experiments.store.cache import atomic_write_json
+from quantlab.experiments.records.record import replicate_hash
+from quantlab.experiments.records.reporting.cli import main as report_main
+from quantlab.experiments.records.reporting.metrics import parse_metric
+from quantlab.experiments.records.reporting.records import ReportError, load_runs
+from quantlab.experiments.records.reporting.replicates import combine_replicates
+from quantlab.experiments.records.reporting.tables import pivot
+from quantlab.experiments.records.reporting.versus import format_versus, versus_table
+from quantlab.experiments.store.cache import atomic_write_json
 from tests.experiments.records.reporting.test_report_records import make_record, write_run
 
 SEED_PPL = {0: 12.0, 1: 13.0, 2: 15.0}

@@ -2,8 +2,8 @@
 
 import pytest
 
-from experiments.records.reporting.records import ReportError, load_runs
-from experiments.records.reporting.selection import select
+from quantlab.experiments.records.reporting.records import ReportError, load_runs
+from quantlab.experiments.records.reporting.selection import select
 from tests.experiments.records.reporting.test_report_records import write_run
 
 

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from experiments.evaluation.statistics import spearman
-from experiments.records.reporting.cli import main
-from experiments.records.reporting.plots import sensitivity_heatmap
-from experiments.records.reporting.records import ReportError
-from experiments.records.reporting.sensitivity import damage_matrix, load_sensitivity, proxy_ranking
+from quantlab.experiments.evaluation.statistics import spearman
+from quantlab.experiments.records.reporting.cli import main
+from quantlab.experiments.records.reporting.plots import sensitivity_heatmap
+from quantlab.experiments.records.reporting.records import ReportError
+from quantlab.experiments.records.reporting.sensitivity import damage_matrix, load_sensitivity, proxy_ranking
 
 ROLES = ["self_attn.q_proj", "mlp.down_proj"]
 

@@ -6,10 +6,10 @@ import re
 import pandas as pd
 import pytest
 
-from experiments.records.reporting.metrics import parse_metric
-from experiments.records.reporting.records import ReportError, load_runs
-from experiments.records.reporting.selection import select
-from experiments.records.reporting.tables import format_interval, format_number, pivot
+from quantlab.experiments.records.reporting.metrics import parse_metric
+from quantlab.experiments.records.reporting.records import ReportError, load_runs
+from quantlab.experiments.records.reporting.selection import select
+from quantlab.experiments.records.reporting.tables import format_interval, format_number, pivot
 from tests.experiments.records.reporting.test_report_records import write_run
 
 
@@ -120,8 +120,8 @@ def test_numbers_stay_readable_at_every_scale():
 
 def test_method_variants_get_their_own_rows(tmp_path):
     """The literature's two RTNs are different rows, never one cell."""
-    from experiments.records.record import config_hash
-    from experiments.store.cache import atomic_write_json
+    from quantlab.experiments.records.record import config_hash
+    from quantlab.experiments.store.cache import atomic_write_json
     from tests.experiments.records.reporting.test_report_records import make_record
 
     for zero_in_range, ppl in ((True, 30.0), (False, 20.0)):

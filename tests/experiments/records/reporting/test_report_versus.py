@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from experiments.records.reporting.cli import main
-from experiments.records.reporting.records import ReportError, load_runs
-from experiments.records.reporting.versus import versus_table
-from experiments.store.cache import atomic_write_json
+from quantlab.experiments.records.reporting.cli import main
+from quantlab.experiments.records.reporting.records import ReportError, load_runs
+from quantlab.experiments.records.reporting.versus import versus_table
+from quantlab.experiments.store.cache import atomic_write_json
 from tests.experiments.records.reporting.test_report_records import make_record
 
 OURS = [2.0, 2.5, 3.1, 2.2]
