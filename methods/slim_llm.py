@@ -191,9 +191,12 @@ class KLSearch:
         self.bias = None if linear.bias is None else linear.bias.detach().float()
         n_groups = salience.numel()
         self.ks = list(range(1, n_groups // 2))  # the reference's range(1, max_round)
-        self.widths = [widths_for(salience, k, bits) for k in self.ks]
+        # With one candidate (G_n = 4 or 5 groups: SmolLM2's 576-wide inputs at g128) k = 1 is
+        # forced; the reference still scores it, which changes nothing but costs a pass: skipped.
+        self.scored = len(self.ks) >= 2
+        self.widths = [widths_for(salience, k, bits) for k in self.ks] if self.scored else []
         self.bounds = group_bounds(self.weight.shape[1], group_size)
-        self.rtn = rtn_by_width(self.weight, group_size, {bits - 1, bits, bits + 1}) if self.ks else {}
+        self.rtn = rtn_by_width(self.weight, group_size, {bits - 1, bits, bits + 1}) if self.scored else {}
         self.errors: list[list[float]] = []  # [sequence][k]
 
     def candidate(self, widths: list[int]) -> torch.Tensor:
@@ -203,7 +206,7 @@ class KLSearch:
         return W
 
     def add(self, inputs: torch.Tensor) -> None:
-        if not self.ks:
+        if not self.scored:
             return
         xs = inputs.detach().float().reshape(-1, inputs.shape[-2], inputs.shape[-1])
         # One sequence at a time (the reference averages per-sample errors); Y is the layer's true
@@ -223,8 +226,11 @@ class KLSearch:
         return torch.tensor(self.errors, dtype=torch.float64).mean(dim=0).tolist()
 
     def best_k(self) -> int:
-        """argmin + 1 (first minimum); 0 when G_n < 4 leaves no candidate (the reference crashes
-        on min([]) there: fixed, recorded as k = 0 with an empty curve)."""
+        """argmin + 1 (first minimum); 1 when it is the only candidate (empty curve: not scored);
+        0 when G_n < 4 leaves no candidate (the reference crashes on min([]) there: fixed,
+        recorded as k = 0 with an empty curve)."""
+        if len(self.ks) == 1:
+            return 1
         curve = self.curve()
         return curve.index(min(curve)) + 1 if curve else 0
 
@@ -418,10 +424,11 @@ class SliMLLM(Method):
             missing = [n for n in names if preset is None or n not in preset]
             if missing:
                 raise ConfigError(f"{block.name}: the allocation has no widths for {', '.join(missing)}")
-        # The KL search needs G_n >= 4 groups somewhere (k runs over 1 .. G_n // 2 - 1).
+        # The KL search scores candidates where G_n >= 6 groups give two or more (k runs over
+        # 1 .. G_n // 2 - 1; with G_n = 4 or 5, k = 1 is forced, KLSearch above).
         searching = preset is None and cfg.n_moved is None
         search_pass = searching and any(
-            len(group_bounds(block.linears[n].in_features, cfg.group_size)) >= 4 for n in names
+            len(group_bounds(block.linears[n].in_features, cfg.group_size)) >= 6 for n in names
         )
         with tf32_disabled():
             start = time.perf_counter()
@@ -457,6 +464,7 @@ class SliMLLM(Method):
                     k = searches[n].best_k()
                     qweight, info = slim_quantize(block.linears[n].weight, hessians[n], cfg, k)
                     extra = {"k": k, "allocation_source": "search", "kl_curve": searches[n].curve(),
+                             "kl_candidates": len(searches[n].ks),
                              "hessian_diag_plus": SALIENCE_DAMP}  # the in-place quirk the solver saw
                 else:
                     qweight, info = slim_quantize(block.linears[n].weight, hessians[n], cfg, cfg.n_moved)

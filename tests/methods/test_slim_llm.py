@@ -264,6 +264,16 @@ def test_kl_search_with_too_few_groups_keeps_every_group_at_n():
     assert search.curve() == [] and search.best_k() == 0  # the reference crashes on min([]) here
 
 
+@pytest.mark.parametrize("n_groups", [4, 5])
+def test_kl_search_with_one_candidate_takes_it_without_scoring(n_groups):
+    # k runs over 1 .. G_n // 2 - 1: with 4 or 5 groups only k = 1 exists, so its argmin is known
+    # without the pass the reference spends on it (SmolLM2's 576-wide inputs at g128 are such)
+    linear = torch.nn.Linear(8 * n_groups, 8, bias=False)
+    search = KLSearch(linear, torch.rand(n_groups, dtype=torch.float64), 3, 8)
+    search.add(torch.randn(2, 5, 8 * n_groups))
+    assert search.ks == [1] and search.errors == [] and search.curve() == [] and search.best_k() == 1
+
+
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_sqc_fit_matches_the_reference(bits, sym):
