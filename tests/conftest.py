@@ -9,6 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import logging  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -48,6 +49,19 @@ def compose_config(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_log_handlers():
+    """A Hydra app run in-process configures the root logger with handlers on the streams of that
+    moment (pytest's captured ones, closed after the test): remove what a test added, so a later
+    test's log lines do not go to a closed stream."""
+    root = logging.getLogger()
+    before = set(root.handlers)
+    yield
+    for handler in [h for h in root.handlers if h not in before and not type(h).__module__.startswith("_pytest")]:
+        root.removeHandler(handler)
+        handler.close()
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

@@ -36,7 +36,7 @@ def user_conf(tmp_path):
 
 
 def test_an_option_outside_the_search_path_is_named_with_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"'rtn_sym' names no option of config group 'method'; valid: awq, .*rtn"):
+    with pytest.raises(ConfigError, match=r"'rtn_sym' names no option of config group 'method' \(did you mean 'rtn'\?\); valid: awq, .*rtn"):
         load_group_option("method", "rtn_sym")
 
 
