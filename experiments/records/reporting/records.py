@@ -281,9 +281,12 @@ def layer_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def load_layers(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per-linear rows (block index, role such as q_proj, relative weight error) of each method
-    entry in `runs`, read back from its record: layers are too many to carry in `load_runs`."""
+ENTRY_KEYS = ("run_dir", "entry_index", "name", "model", "method", "bits", "group_size", "avg_bits")
+
+
+def _entry_rows(runs: pd.DataFrame, rows_of: Any) -> pd.DataFrame:
+    """Rows read back from the record of each method entry in `runs` (`rows_of(entry)` gives them),
+    each prefixed with the entry's ENTRY_KEYS."""
     rows = []
     for path, entries in runs.groupby("record_path", sort=False):
         record = read_record(Path(path))
@@ -291,25 +294,24 @@ def load_layers(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         all_entries = method_entries(record)
         for _, run in entries.iterrows():
-            keys = {k: run[k] for k in ("run_dir", "entry_index", "name", "model", "method", "bits", "group_size",
-                                        "avg_bits")}
-            rows.extend({**keys, **layer} for layer in layer_rows(all_entries[int(run["entry_index"])]))
+            keys = {k: run[k] for k in ENTRY_KEYS}
+            rows.extend({**keys, **row} for row in rows_of(all_entries[int(run["entry_index"])]))
     return pd.DataFrame(rows)
+
+
+def load_layers(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per-linear rows (block index, role such as q_proj, relative weight error) of each method
+    entry in `runs`, read back from its record: layers are too many to carry in `load_runs`."""
+    return _entry_rows(runs, layer_rows)
+
+
+def _curve_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    fine_tune = entry.get("fine_tune") or {}
+    columns = fine_tune.get("curve_columns", ["step", "loss", "lr"])
+    return [dict(zip(columns, point)) for point in fine_tune.get("curve") or []]
 
 
 def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
     """The training loss curve (step, loss, lr) of each method entry in `runs` that fine-tuned
     (QAT's `fine_tune` record), one row per step, read back from its record."""
-    rows = []
-    for path, entries in runs.groupby("record_path", sort=False):
-        record = read_record(Path(path))
-        if record is None:
-            continue
-        all_entries = method_entries(record)
-        for _, run in entries.iterrows():
-            fine_tune = all_entries[int(run["entry_index"])].get("fine_tune") or {}
-            keys = {k: run[k] for k in ("run_dir", "entry_index", "name", "model", "method", "bits", "group_size",
-                                        "avg_bits")}
-            columns = fine_tune.get("curve_columns", ["step", "loss", "lr"])
-            rows.extend({**keys, **dict(zip(columns, point))} for point in fine_tune.get("curve") or [])
-    return pd.DataFrame(rows)
+    return _entry_rows(runs, _curve_rows)
