@@ -42,7 +42,9 @@ def test_tiny_llama_run_searches_and_saves_its_allocation(tmp_path, isolated_cac
     for layer in layers:
         widths = layer["info"]["allocation"]
         assert sum(widths) == 3 * len(widths) and layer["info"]["allocation_source"] == "search"
-        assert len(layer["info"]["kl_curve"]) == len(widths) // 2 - 1
+        candidates = len(widths) // 2 - 1  # k = 1 .. G_n // 2 - 1; a single one is taken unscored
+        assert layer["info"]["kl_candidates"] == candidates
+        assert len(layer["info"]["kl_curve"]) == (candidates if candidates >= 2 else 0)
     numel = sum(layer["shape"][0] * layer["shape"][1] for layer in layers)
     assert record["avg_bits"] == pytest.approx(sum(layer["storage_bits"] for layer in layers) / numel)
     assert record["avg_bits"] > 3  # codes average 3 bits; plus the scales, zeros and width tables
