@@ -62,8 +62,8 @@ def test_search_and_layer_match_the_reference_on_real_layers(real_layers, name, 
     ]
     if len(search.ks) == 1:  # q_proj's 4.5 groups: k = 1 is the only candidate, taken unscored
         assert search.errors == [] and all(len(errors) == 1 for errors in expected)
-    else:
-        assert search.errors == expected
+    else:  # the same candidates, the products built incrementally: float32 rounding apart
+        torch.testing.assert_close(torch.tensor(search.errors), torch.tensor(expected), rtol=1e-4, atol=1e-6)
     mean = torch.tensor(expected, dtype=torch.float64).mean(0).tolist()
     k = search.best_k()
     assert k == mean.index(min(mean)) + 1  # the reference's argmin
