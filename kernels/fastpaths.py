@@ -120,7 +120,7 @@ def _groups_contiguous(fmt: Any) -> bool:
     return torch.equal(fmt.g_idx.long().cpu(), expected)
 
 
-def _uniform_blockers(fmt: Any, bits: int) -> list[str]:
+def uniform_blockers(fmt: Any, bits: int) -> list[str]:
     """Reasons shared by every path: the grid itself (a uniform, fixed-width, contiguous grid)."""
     if not is_uniform(fmt):
         return [
@@ -232,7 +232,7 @@ class Int4CPU(FastPath):
         reasons = [r for r in [self.available()] if r]
         if _device_type(device) != "cpu":
             reasons.append(f"the weight is to run on {_device_type(device)}; int4_cpu runs on the CPU")
-        reasons += _uniform_blockers(fmt, 4)
+        reasons += uniform_blockers(fmt, 4)
         if not is_uniform(fmt):
             return reasons
         out_features, in_features = fmt.codes.shape
@@ -288,7 +288,7 @@ class Int4CUDA(FastPath):
             reasons.append(f"the weight is to run on {_device_type(device)}; int4_cuda runs on a CUDA GPU")
         elif not reasons and torch.cuda.get_device_capability(torch.device(device)) < (8, 0):
             reasons.append("tinygemm needs a GPU of compute capability 8.0 or newer")
-        reasons += _uniform_blockers(fmt, 4)
+        reasons += uniform_blockers(fmt, 4)
         if not is_uniform(fmt):
             return reasons
         out_features, in_features = fmt.codes.shape
@@ -338,7 +338,7 @@ class Int8(FastPath):
 
     def blockers(self, fmt: Any, device: torch.device | str | None = None) -> list[str]:
         reasons = [r for r in [self.available()] if r]
-        reasons += _uniform_blockers(fmt, 8)
+        reasons += uniform_blockers(fmt, 8)
         if not is_uniform(fmt):
             return reasons
         in_features = fmt.codes.shape[1]

@@ -17,18 +17,26 @@ torch._int_mm(a int8 [m, k], b int8 [k, n]) -> int32 [m, n]. In this torch (2.13
 takes any m, k, n (checked from m = 1, k = 7, n = 3 up): the CUDA op's constraints (m > 16, k and n
 multiples of 8) do not apply on the CPU. b is passed as the transposed view of the [n, k] codes,
 which measured faster than a contiguous [k, n] copy (0.023 vs 0.029 s at 2048 x 576 x 576).
+
+In a model: `Int8Linear` is an nn.Module (buffers codes, scales, bias). `Int8Linear.from_format`
+takes a stored 8-bit symmetric per-row uniform weight as it is (codes - 128, its scales), so the
+evaluated model runs the weight the method chose; `w8a8_blockers` says why a weight cannot be
+taken. experiments/run/activations.py `attach` puts it in place of packed linears under dynamic
+int8 per-token activations.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from quantlab.kernels import grid as grids
 from quantlab.kernels.activations import ActivationQuantizer
+from quantlab.kernels.fastpaths import UnsupportedFormat, is_uniform, uniform_blockers
 
 INT8_GRID = grids.Grid(8, sym=True, zero_in_range=False)
 PER_TOKEN_INT8 = ActivationQuantizer(8, "per_token", sym=True)
@@ -47,23 +55,52 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _signed_codes(x.float(), scale), scale
 
 
-@dataclass
-class Int8Linear:
-    """A linear layer's weight as per-output-channel int8 codes [out, in] and fp32 scales [out]."""
+def w8a8_blockers(fmt: Any) -> list[str]:
+    """Why `Int8Linear.from_format` cannot hold `fmt` exactly (empty: it can): it needs 8-bit
+    codes on the symmetric grid (zero-point 128), one scale per output row, no fp16 columns and
+    columns in their own order."""
+    reasons = uniform_blockers(fmt, INT8_GRID.bits)
+    if not is_uniform(fmt):
+        return reasons
+    if fmt.scales.shape[1] != 1:
+        reasons.append(f"{fmt.scales.shape[1]} groups per row (group_size {fmt.group_size}): the integer "
+                       "matmul rescales by one scale per output row (group_size=-1)")
+    if fmt.zero_format == "float" or not bool((fmt.zeros == _SIGNED_OFFSET).all()):
+        reasons.append(f"zero-points other than {_SIGNED_OFFSET}: the int8 codes need the symmetric grid "
+                       "(method.sym=true)")
+    return reasons
 
-    codes: torch.Tensor
-    scales: torch.Tensor
-    bias: torch.Tensor | None = None
+
+class Int8Linear(nn.Module):
+    """A linear layer's weight as per-output-channel int8 codes [out, in] and fp32 scales [out];
+    its forward quantizes the input per token (dynamic, symmetric, 8 bits) and multiplies the
+    codes in integers (the module docstring)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("scales", scales.float())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.in_features, self.out_features = codes.shape[1], codes.shape[0]
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
         scale, _ = grids.fit(weight, INT8_GRID)
         return cls(_signed_codes(weight.float(), scale[:, None]), scale, bias)
 
+    @classmethod
+    def from_format(cls, fmt: Any, bias: torch.Tensor | None = None) -> Int8Linear:
+        """The same weight as `fmt.dequantize()` (scale * (code - 128)), held as signed int8 codes;
+        raises UnsupportedFormat with `w8a8_blockers`' reasons where it cannot be."""
+        if reasons := w8a8_blockers(fmt):
+            raise UnsupportedFormat("the W8A8 integer matmul cannot take this weight: " + "; ".join(reasons))
+        codes = fmt.codes.to(torch.int16) - _SIGNED_OFFSET
+        return cls(codes, fmt.scales[:, 0], bias)
+
     def dequantize(self) -> torch.Tensor:
         return self.scales[:, None] * self.codes.float()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x's dtype."""
         rows = x.reshape(-1, x.shape[-1])
         codes, scale = quantize_tokens(rows)
@@ -72,6 +109,9 @@ class Int8Linear:
         if self.bias is not None:
             y += self.bias.float()
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8 torch._int_mm"
 
 
 def _best_seconds(fn, repeats: int) -> tuple[float, float]:

@@ -80,33 +80,59 @@ class BlockObservers:
         return {f"{prefix}.{name}": dict(per_source[source]) for name, source in self.source.items()}
 
 
-def attach(model: nn.Module, arch: Any, act: ActConfig, skipped: dict[str, Any], ranges: dict[str, dict]) -> int:
-    """An input fake-quant in front of every decoder linear but the skipped ones (static: at its
-    calibrated range); works on nn.Linear (eval.backend=fake) and QuantLinear (packed) alike.
-    Returns how many linears got one."""
+def int8_matmul_applies(act: ActConfig, backend: str, kernel: str, device: torch.device) -> bool:
+    """Whether the packed evaluation routes eligible linears to the integer W8A8 matmul
+    (kernels/int8.py): dynamic symmetric 8-bit activations per token, eval.backend=packed with the
+    automatic kernel choice, on the CPU (CUDA's torch._int_mm needs more than 16 rows and
+    multiples of 8, which short inputs break). `eval.kernel=reference` (or a named weight-only
+    path) keeps fake-quant inputs in front of the packed weights."""
     quantizer = act.quantizer()
+    return (backend == "packed" and kernel == "auto" and torch.device(device).type == "cpu"
+            and quantizer.bits == 8 and quantizer.sym
+            and quantizer.granularity == "per_token" and quantizer.mode == "dynamic")
+
+
+def attach(model: nn.Module, arch: Any, act: ActConfig, skipped: dict[str, Any], ranges: dict[str, dict],
+           int8_matmul: bool = False) -> dict[str, int]:
+    """An input fake-quant in front of every decoder linear but the skipped ones (static: at its
+    calibrated range); works on nn.Linear (eval.backend=fake) and QuantLinear (packed) alike. With
+    `int8_matmul` (int8_matmul_applies), a packed linear whose weight the integer matmul holds
+    exactly (8-bit symmetric, per output row: kernels/int8.py w8a8_blockers) is replaced by an
+    Int8Linear instead, which quantizes its input itself on the same grid. Returns how many linears
+    got each: {"fake_quant": n, "int8_int_mm": m}."""
+    from quantlab.kernels.int8 import Int8Linear, w8a8_blockers
+    from quantlab.kernels.linear import QuantLinear
+
+    quantizer = act.quantizer()
+    counts = {"fake_quant": 0, "int8_int_mm": 0}
     if not quantizer.enabled:
-        return 0
-    count = 0
+        return counts
     for index, block in enumerate(arch.block_list(model)):
         for name, linear in arch.block_linears(block).items():
             full = f"{arch.blocks}.{index}.{name}"
             if full in skipped:
+                continue
+            if int8_matmul and isinstance(linear, QuantLinear) and not w8a8_blockers(fmt := linear.to_format()):
+                parent, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent) if parent else block, child, Int8Linear.from_format(fmt, linear.bias))
+                counts["int8_int_mm"] += 1
                 continue
             fake_quant = ActivationFakeQuant(quantizer)
             if act.static:
                 fake_quant.calibrate(torch.tensor(ranges[full]["lo"]), torch.tensor(ranges[full]["hi"]))
             device = next(itertools.chain(linear.parameters(), linear.buffers())).device
             attach_input_quantizer(linear, fake_quant.to(device))
-            count += 1
-    return count
+            counts["fake_quant"] += 1
+    return counts
 
 
-def record_entry(act: ActConfig, observer: ObserverConfig, ranges: dict[str, dict], count: int) -> dict[str, Any]:
-    """The record's `act`: the settings, how many linears were quantized, and for static ranges
-    the observer with each linear's range (`layers`, beside the weight records' `layers`)."""
+def record_entry(act: ActConfig, observer: ObserverConfig, ranges: dict[str, dict], counts: dict[str, int]) -> dict[str, Any]:
+    """The record's `act`: the settings, how many linears were quantized (and by which path:
+    `kernels`), and for static ranges the observer with each linear's range (`layers`, beside
+    the weight records' `layers`)."""
     entry: dict[str, Any] = asdict(act)
-    entry["quantized_linears"] = count
+    entry["quantized_linears"] = sum(counts.values())
+    entry["kernels"] = {path: n for path, n in counts.items() if n}
     if act.static:
         entry["observer"] = {"name": observer.name, **observer.options()}
         entry["layers"] = ranges

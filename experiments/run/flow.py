@@ -249,9 +249,10 @@ def _quantize_and_evaluate(
         }
     elif report.formats:
         quantized_model["eval_backend"] = {"backend": "fake"}
-    act_linears = activations.attach(model, arch, run.act, report.skipped, report.act_ranges)
+    int8_matmul = activations.int8_matmul_applies(run.act, run.eval.backend, run.eval.kernel, loaded.device)
+    act_linears = activations.attach(model, arch, run.act, report.skipped, report.act_ranges, int8_matmul)
     kv = run.kv.quantizer() if run.kv.enabled else None  # perplexity as a chunked prefill through it
-    changes_model = method.quantizes_weights or act_linears > 0 or kv is not None  # else the baseline's own
+    changes_model = method.quantizes_weights or sum(act_linears.values()) > 0 or kv is not None  # else the baseline's own
     place_for_eval(model, arch, loaded.device)
     start = time.perf_counter()
     metrics: dict[str, dict] = {}

@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from quantlab.kernels import grid as grids
 from quantlab.kernels.activations import ActivationQuantizer
-from quantlab.kernels.int8 import INT8_GRID, Int8Linear, benchmark, quantize_tokens
+from quantlab.kernels.fastpaths import UnsupportedFormat
+from quantlab.kernels.int8 import INT8_GRID, Int8Linear, benchmark, quantize_tokens, w8a8_blockers
+from quantlab.kernels.uniform import UniformWeight
 
 U = 2.0**-24  # fp32 unit roundoff
 
@@ -60,3 +63,40 @@ def test_benchmark_reports_tokens_per_second():
     for name in ("fp32", "int8", "int8_matmul_only"):
         assert result[f"{name}_tokens_per_s"] > 0 and result[f"{name}_cpu_s"] >= 0
     assert result["threads"] == 1
+
+
+def _uniform(weight: torch.Tensor, bits: int = 8, group_size: int = -1, sym: bool = True) -> UniformWeight:
+    """weight on a per-row (or grouped) grid of kernels/grid.py, as a method would store it."""
+    out, k = weight.shape
+    size = k if group_size == -1 else group_size
+    grid = grids.Grid(bits, sym=sym, zero_in_range=not sym)
+    groups = weight.reshape(out, k // size, size)
+    scale, zero = grids.fit(groups.reshape(-1, size), grid)
+    scale, zero = scale.reshape(out, -1), zero.reshape(out, -1)
+    codes = grids.quantize(groups, scale[..., None], zero[..., None], grid.maxq).reshape(out, k)
+    return UniformWeight(codes.to(torch.uint8), scale, zero, torch.arange(k, dtype=torch.int32) // size, bits,
+                         group_size, zero_format="none" if sym else "int")
+
+
+def test_from_format_holds_the_stored_weight_and_runs_the_fake_quant_computation():
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(24, 64, generator=gen), torch.randn(24, generator=gen)
+    fmt = _uniform(weight)
+    layer = Int8Linear.from_format(fmt, bias)
+    assert layer.codes.dtype == torch.int8 and torch.equal(layer.dequantize(), fmt.dequantize())
+    x = torch.randn(3, 7, 64, generator=gen) * torch.exp(torch.randn(64, generator=gen))
+    fake = F.linear(ActivationQuantizer(8, "per_token", sym=True).fake_quantize(x), fmt.dequantize(), bias)
+    torch.testing.assert_close(layer(x), fake, rtol=1e-5, atol=1e-5)
+    assert dict(layer.state_dict()).keys() == {"codes", "scales", "bias"}
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"group_size": 32}, "groups per row"),
+    ({"sym": False}, "zero-points other than 128"),
+    ({"bits": 4}, "needs 8-bit codes"),
+])
+def test_from_format_refuses_weights_it_cannot_hold(kwargs, reason):
+    fmt = _uniform(torch.randn(8, 64, generator=torch.Generator().manual_seed(4)), **kwargs)
+    assert any(reason in r for r in w8a8_blockers(fmt))
+    with pytest.raises(UnsupportedFormat, match=reason):
+        Int8Linear.from_format(fmt)

@@ -86,7 +86,7 @@ def test_attached_quantizers_change_the_output_and_skip_skipped_linears():
         before = model(input_ids=ids).logits
     skipped = {"model.layers.0.mlp.down_proj": (0, 0)}
     count = activations.attach(model, arch, ActConfig(bits=8), skipped, {})
-    assert count == 13 and not hasattr(model.get_submodule("model.layers.0.mlp.down_proj"), INPUT_QUANTIZER)
+    assert count == {"fake_quant": 13, "int8_int_mm": 0} and not hasattr(model.get_submodule("model.layers.0.mlp.down_proj"), INPUT_QUANTIZER)
     with torch.no_grad():
         eight = model(input_ids=ids).logits
     other = _load("tiny-llama")
@@ -94,7 +94,7 @@ def test_attached_quantizers_change_the_output_and_skip_skipped_linears():
     with torch.no_grad():
         four = other.model(input_ids=ids).logits
     assert 0 < (eight - before).abs().max() < (four - before).abs().max()
-    assert activations.attach(model, arch, ActConfig(), {}, {}) == 0  # bits 16: nothing attached
+    assert sum(activations.attach(model, arch, ActConfig(), {}, {}).values()) == 0  # bits 16: nothing attached
 
 
 def _overrides(tmp_path, name, *extra: str) -> list[str]:
@@ -128,6 +128,25 @@ def test_cli_act_runs_evaluate_the_act_quantized_model(tmp_path, data_dir):
     fp16, ppl_fp16, base_fp16 = _ppl(tmp_path, "fp16", data_dir, "method=fp16", "act=int8_static", "observer=mse")
     assert ppl_fp16 != base_fp16 and fp16["avg_bits"] == 16.0 and fp16["calib"]["n_sequences"] == 4
     assert fp16["act"]["observer"]["name"] == "mse" and len(fp16["act"]["layers"]) == 14
+
+
+def test_cli_w8a8_packed_runs_the_integer_matmul(tmp_path, data_dir):
+    """eval.backend=packed routes W8 per-channel symmetric weights with dynamic int8 per-token inputs
+    to torch._int_mm (kernels/int8.py): the same perplexity as fake-quant to float rounding; a
+    grouped weight keeps the fake-quant input in front of its packed weight."""
+    private_cache(tmp_path)
+    w8a8 = ("method=rtn", "bits=8", "group_size=-1", "method.sym=true", "act=int8_per_token")
+    fake, ppl_fake, _ = _ppl(tmp_path, "fake", data_dir, *w8a8)
+    packed, ppl_packed, _ = _ppl(tmp_path, "packed", data_dir, *w8a8, "eval.backend=packed")
+    assert fake["act"]["kernels"] == {"fake_quant": 14}
+    assert packed["act"]["kernels"] == {"int8_int_mm": 14} and packed["act"]["quantized_linears"] == 14
+    assert ppl_packed == pytest.approx(ppl_fake, rel=1e-4) and ppl_packed != fake["baseline"]["ppl"]["pydocs"]["value"]
+    reference, ppl_reference, _ = _ppl(tmp_path, "reference", data_dir, *w8a8, "eval.backend=packed",
+                                       "eval.kernel=reference")
+    assert reference["act"]["kernels"] == {"fake_quant": 14} and ppl_reference == pytest.approx(ppl_fake, rel=1e-4)
+    grouped, _, _ = _ppl(tmp_path, "grouped", data_dir, "method=rtn", "bits=8", "group_size=32", "method.sym=true",
+                         "act=int8_per_token", "eval.backend=packed")
+    assert grouped["act"]["kernels"] == {"fake_quant": 14}
 
 
 def test_cli_smoothquant_w8a8_with_a_skipped_linear(tmp_path, data_dir):
