@@ -83,7 +83,8 @@ def read_record(path: Path) -> dict[str, Any] | None:
 
 def method_entries(record: dict[str, Any]) -> list[dict[str, Any]]:
     """The main method's fields as an entry shaped like a comparison, followed by the comparisons."""
-    keys = ("method", "bits", "group_size", "avg_bits", "model_bytes", "metrics", "timings", "layers", "fine_tune")
+    keys = ("method", "bits", "group_size", "avg_bits", "act_bits", "act", "kv_bits", "kv", "model_bytes", "metrics",
+            "timings", "layers", "fine_tune")
     main = {k: record.get(k) for k in keys}
     main["config"] = (record.get("config") or {}).get("method") or {}
     return [main, *(record.get("comparisons") or [])]

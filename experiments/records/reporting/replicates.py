@@ -83,7 +83,8 @@ def combine_replicates(runs: pd.DataFrame, mode: str = "mean") -> pd.DataFrame:
         return runs
     measured = measured_columns(runs)
     foldable = runs["status"].eq("ok") & runs["replicate_of"].notna()
-    keys = runs[GROUP_KEY].astype(object).where(runs[GROUP_KEY].notna(), None).astype(str).agg("|".join, axis=1)
+    # one text per entry; a missing value reads "None" (astype(str) keeps NaN as NaN in pandas 3)
+    keys = runs[GROUP_KEY].apply(lambda row: "|".join("None" if pd.isna(v) else str(v) for v in row), axis=1)
     pieces = []
     for _, group in runs.groupby(keys.where(foldable, None), sort=False, dropna=True):
         pieces.append(fold(group, measured).to_frame().T if len(group) > 1 else group)

@@ -4,6 +4,7 @@
 version 1)" documents; the other report tests import them.
 """
 
+import json
 import math
 
 import pandas as pd
@@ -190,3 +191,20 @@ def test_layers_load_with_block_index_and_role(tmp_path):
     assert len(table) == 3 * 7 and sorted(table["block"].unique()) == [0, 1, 2]
     assert list(table["role"][:7]) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert table.iloc[0]["rel_weight_error"] == pytest.approx(2.0 ** -3)
+
+
+def test_the_main_entry_carries_its_activation_and_kv_settings_and_fp16_folds(tmp_path):
+    """act / kv sit at the record's top level for the main method: the row shows them (they read as
+    off before), and an fp16 entry (group_size None) goes through the replicate fold."""
+    from quantlab.experiments.records.reporting.replicates import combine_replicates
+
+    path = write_run(tmp_path, "a8", method="fp16", bits=16, group_size=-1) / "result.json"
+    record = json.loads(path.read_text())
+    record.update(act_bits=8, act={"bits": 8, "granularity": "per_token", "sym": True, "mode": "dynamic"},
+                  kv_bits=4.5, kv={"enabled": True, "bits": 4, "granularity": "per_token", "sym": False,
+                                   "group_size": -1, "chunk": 128})
+    atomic_write_json(path, record)
+    rows = combine_replicates(load_runs([tmp_path]))
+    row = rows.iloc[0]
+    assert (row["act_bits"], row["act"]) == (8, "per_token sym dynamic")
+    assert row["kv_bits"] == 4.5 and row["kv"].startswith("int4 per_token asym") and pd.isna(row["group_size"])
