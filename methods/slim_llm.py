@@ -206,10 +206,13 @@ class KLSearch:
         # With one candidate (G_n = 4 or 5 groups: SmolLM2's 576-wide inputs at g128) k = 1 is
         # forced; the reference still scores it, which changes nothing but costs a pass: skipped.
         self.scored = len(self.ks) >= 2
-        self.salience, self.bits = salience, bits
+        self.bits = bits
         self.bounds = group_bounds(self.weight.shape[1], group_size)
         self.order = torch.argsort(salience, stable=True).tolist()  # widths_for's order
         self.rtn = rtn_by_width(self.weight, group_size, {bits - 1, bits, bits + 1}) if self.scored else {}
+        # W_1^T and the group updates to k = 2, 3, ..., built once for every sequence add() sees
+        self.first = self.candidate(widths_for(salience, 1, bits)).T if self.scored else None
+        self.deltas = [self.moves(k) for k in self.ks[1:]] if self.scored else []
         self.errors: list[list[float]] = []  # [sequence][k]
 
     def candidate(self, widths: list[int]) -> torch.Tensor:
@@ -232,13 +235,11 @@ class KLSearch:
         xs = inputs.detach().float().reshape(-1, inputs.shape[-2], inputs.shape[-1])
         # One sequence at a time (the reference averages per-sample errors); Y is the layer's true
         # output, bias included; the quantized side has none (output_kl).
-        first = self.candidate(widths_for(self.salience, 1, self.bits)).T
-        deltas = [self.moves(k) for k in self.ks[1:]]
         for x in xs:
             log_p_true = torch.log(F.softmax(F.linear(x, self.weight, self.bias), dim=-1).clamp(min=KL_CLAMP))
-            y = x @ first
+            y = x @ self.first
             errors = [output_kl(y, log_p_true)]
-            for moves in deltas:
+            for moves in self.deltas:
                 for s, e, d in moves:
                     y.addmm_(x[:, s:e], d)
                 errors.append(output_kl(y, log_p_true))

@@ -50,7 +50,6 @@ def compose_config(*overrides: str) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
-
 @pytest.fixture(autouse=True)
 def _no_leaked_log_handlers():
     """A Hydra app run in-process configures the root logger with handlers on the streams of that
@@ -62,6 +61,7 @@ def _no_leaked_log_handlers():
     for handler in [h for h in root.handlers if h not in before and not type(h).__module__.startswith("_pytest")]:
         root.removeHandler(handler)
         handler.close()
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
