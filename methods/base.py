@@ -35,6 +35,11 @@ driver what the method needs:
   rules may not set them;
 - `folds_scales`: True for methods that rescale a scaling group's linears and the op before them
   together (AWQ, SmoothQuant): per-module rules may not split such a group.
+- `final_inputs_on_passes`: True for a method whose every `block.run` sees a linear's input as the
+  finished block will, once the linears before it are committed: it changes no norm, bias or
+  committed weight afterwards (GPTQ, OWQ, SliM-LLM, VPTQ; not AWQ or SmoothQuant, whose passes come
+  before their rescaling). Static activation observers then ride on those passes instead of an
+  extra forward of the whole block (experiments/run/activations.py).
 
 Per-module rules (experiments/run/module_rules.py) hand a method a view of part of a block (some
 of its linears, the groups cut to them): a method quantizes what `block.linears` holds, no more.
@@ -88,6 +93,7 @@ class Method(ABC):
     sequences_per_forward: int | None = None
     folds_scales: ClassVar[bool] = False
     fine_tunes: ClassVar[bool] = False
+    final_inputs_on_passes: ClassVar[bool] = False
     run_wide_knobs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MethodConfig) -> None:

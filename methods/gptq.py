@@ -203,6 +203,7 @@ class GPTQ(Method):
     arithmetic; at 3 bits the last-bit differences change codes (README, "GPTQ: reference numerics")."""
 
     config_class = GPTQConfig
+    final_inputs_on_passes = True  # it never rescales; each linear is committed once
 
     @property
     def reference_numerics(self) -> bool:

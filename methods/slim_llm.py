@@ -429,6 +429,7 @@ class SliMLLM(Method):
     time split: hessian_seconds, search_seconds, solver_seconds."""
 
     config_class = SliMLLMConfig
+    final_inputs_on_passes = True
 
     def __init__(self, config: SliMLLMConfig) -> None:
         super().__init__(config)

@@ -341,6 +341,7 @@ class VPTQ(Method):
     pass_seconds, and its share of the Hessian pass (forward_seconds, hessian_seconds)."""
 
     config_class = VPTQConfig
+    final_inputs_on_passes = True
     propagation = "float"
 
     @torch.no_grad()

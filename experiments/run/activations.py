@@ -4,15 +4,21 @@ put into the evaluated model (`attach`), and the record's `act` entry (`record_e
 
 The grid and the fake-quant module are kernels/activations.py's; the observers are
 methods/observers.py's. Which inputs the observers see (a choice, stated once here): each block's
-linear inputs on the driver's calibration pass *after* the method has quantized that block, so
-within the block they come from its quantized (and, for SmoothQuant / AWQ, rescaled) weights, and
-the block's inputs are the ones the driver propagates for the method (quantized propagation: the
-outputs of the earlier quantized blocks; float propagation: full-precision ones). The earlier
-blocks' activation quantizers are *not* applied on that pass: doing so needs each block's ranges
-before its own outputs are computed, i.e. one more block forward per block, over the 20% budget
-of observer cost. With quantized propagation the observers ride on the forward that propagates
-the block (no extra forward); with float propagation that forward ran before the method, so
-observing costs one extra forward of the quantized block.
+linear inputs as the block computes them *after* the method has quantized it, so within the block
+they come from its quantized (and, for SmoothQuant / AWQ, rescaled) weights, and the block's
+inputs are the ones the driver propagates for the method (quantized propagation: the outputs of
+the earlier quantized blocks; float propagation: full-precision ones). The earlier blocks'
+activation quantizers are *not* applied on that pass: doing so needs each block's ranges before
+its own outputs are computed, i.e. one more block forward per block.
+
+Where those inputs are computed (the cost): a method whose passes see final inputs
+(`final_inputs_on_passes`: GPTQ, OWQ, SliM-LLM, VPTQ) carries each observer on its first pass that
+reaches the input once every linear before it is committed. Under GPTQ's true-sequential passes
+that is every input (q/k/v on the first pass, o on the second, ...), so observing costs no forward
+at all and the output pass keeps its mid-block shortcut. Inputs no such pass reached (the rest,
+and every input of AWQ / SmoothQuant / RTN) are observed on the output pass, which then runs the
+whole block (quantized propagation), or on one extra forward of the quantized block (float
+propagation, whose output pass ran before the method). Each range records which (`observed_on`).
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ class StaticCalibration:
 
 class BlockObservers:
     """One observer per distinct input of a block's quantized linears (q/k/v share one), fed by
-    hooks on the first linear that receives it (methods/hessian.py `input_representatives`)."""
+    hooks on the first linear that receives it (methods/hessian.py `input_representatives`), each
+    on exactly one pass over the calibration chunks (`mark_fed` checks it saw every chunk and says
+    which pass it was: a method's own pass, the output pass or an extra forward)."""
 
     def __init__(self, view: Any, targets: list[str], calibration: StaticCalibration) -> None:
         representative = input_representatives(view)
@@ -49,18 +57,32 @@ class BlockObservers:
         self.source = {name: representative[name] for name in targets}
         self.observers = {s: calibration.observer.make(calibration.act) for s in dict.fromkeys(self.source.values())}
         self.seconds = dict.fromkeys(self.observers, 0.0)
+        self.calls = dict.fromkeys(self.observers, 0)
+        self.fed: dict[str, str] = {}  # source -> the pass it was observed on
 
-    def hooks(self) -> dict[str, LinearHook]:
+    def unfed(self) -> list[str]:
+        return [source for source in self.observers if source not in self.fed]
+
+    def hooks(self, sources: list[str] | None = None) -> dict[str, LinearHook]:
+        """Hooks feeding the observers of `sources` (default: every one not fed yet)."""
         def timed(source: str) -> LinearHook:
             observer = self.observers[source]
 
             def hook(x: torch.Tensor) -> None:
                 start = time.perf_counter()
                 observer.update(x)
+                self.calls[source] += 1
                 self.seconds[source] += time.perf_counter() - start
             return hook
 
-        return {source: timed(source) for source in self.observers}
+        return {source: timed(source) for source in (self.unfed() if sources is None else sources)}
+
+    def mark_fed(self, sources: list[str], chunks: int, on: str) -> None:
+        for source in sources:
+            if self.calls[source] != chunks or source in self.fed:
+                raise RuntimeError(f"the observer of {source}'s input saw {self.calls[source]} calls for "
+                                   f"{chunks} calibration chunks (already fed on: {self.fed.get(source)})")
+            self.fed[source] = on
 
     def ranges(self, prefix: str) -> dict[str, dict[str, Any]]:
         """{full linear name: the record of its input's range}; the observer's search timed too."""
@@ -76,6 +98,7 @@ class BlockObservers:
                 "observer": self.calibration.observer.name, "input_of": f"{prefix}.{source}",
                 "lo": float(lo), "hi": float(hi), "scale": float(scale), "zero": float(zero),
                 "clipped_fraction": clipped, "observer_seconds": self.seconds[source],
+                "observed_on": self.fed.get(source),
             }
         return {f"{prefix}.{name}": dict(per_source[source]) for name, source in self.source.items()}
 

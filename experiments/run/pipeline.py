@@ -33,6 +33,13 @@ class _StopForward(Exception):
     """Raised from a hook to end a forward pass early once what is needed has been seen."""
 
 
+def _both(first: LinearHook, second: LinearHook) -> LinearHook:
+    def hook(x: torch.Tensor) -> None:
+        first(x)
+        second(x)
+    return hook
+
+
 @dataclass
 class LayerRecord:
     name: str
@@ -231,6 +238,11 @@ class DecoderBlockView:
         # last_pass may swap inputs for mid-block residuals, unless the propagating forward must
         # run the whole block (observers watch every linear's input on it)
         self.keep_residuals = True
+        # static-range observers that ride on the method's own passes (a method whose
+        # final_inputs_on_passes holds): an input is observed on the first pass that reaches it
+        # once every linear before it is settled (committed, or skipped by a module rule)
+        self.observers: BlockObservers | None = None
+        self.settled: set[str] = set()
 
     def _require_inputs(self) -> BlockInputs:
         if self.inputs is None:
@@ -249,6 +261,10 @@ class DecoderBlockView:
         hooks = dict(hooks or {})
         if stop_after is not None and stop_after not in self.linears:
             raise KeyError(f"stop_after={stop_after!r} is not a linear of this block")
+        riding = self._ready_observers(stop_after)
+        for source, observe in riding.items():
+            method_hook = hooks.get(source)
+            hooks[source] = observe if method_hook is None else _both(method_hook, observe)
         handles = []
         for name, linear in self.linears.items():
             hook = hooks.get(name)
@@ -264,6 +280,8 @@ class DecoderBlockView:
             handles.append(linear.register_forward_pre_hook(pre_hook))
         residuals: list[torch.Tensor] = []
         keep_residual = last_pass and self.keep_residuals and self.arch.residual_checkpoint is not None and self.arch.finish_supported(self.block)
+        if self.observers is not None and set(self.observers.unfed()) - set(riding):
+            keep_residual = False  # an input is still unobserved: the output pass must run the whole block
         if keep_residual:
             checkpoint = self.block.get_submodule(self.arch.residual_checkpoint)
             handles.append(checkpoint.register_forward_pre_hook(lambda _m, args: residuals.append(args[0])))
@@ -283,6 +301,19 @@ class DecoderBlockView:
         finally:
             for handle in handles:
                 handle.remove()
+        if riding:
+            self.observers.mark_fed(list(riding), len(inputs.hidden), on="method_pass")
+
+    def _ready_observers(self, stop_after: str | None) -> dict[str, LinearHook]:
+        """The observer hooks this pass can carry: those of the unobserved inputs that the pass
+        reaches and that no unsettled linear runs before (execution order: `linears`)."""
+        if self.observers is None:
+            return {}
+        order = list(self.linears)
+        reach = len(order) if stop_after is None else order.index(stop_after) + 1
+        ready = [s for s in self.observers.unfed()
+                 if order.index(s) < reach and set(order[:order.index(s)]) <= self.settled]
+        return self.observers.hooks(ready)
 
     def submodule(self, name: str) -> nn.Module:
         return self.block.get_submodule(name)
@@ -339,6 +370,11 @@ class DecoderBlockView:
 
     @torch.no_grad()
     def commit(self, name: str, qweight: QuantizedWeight, seconds: float, **info: Any) -> None:
+        if self.observers is not None and name in self.settled and self.observers.fed:
+            raise RuntimeError(
+                f"{self.name}.{name} is committed twice, after static-range observers rode on a pass that took it "
+                "as final: a method that re-commits must keep final_inputs_on_passes = False")
+        self.settled.add(name)
         linear = self.linears[name]
         original = linear.weight.detach().float()
         dequantized = qweight.dequantize(torch.float32).to(original.device)
@@ -391,6 +427,7 @@ def _quantize_segments(view: DecoderBlockView, method: Method, rules: list[Modul
         if rule is not None and rule.skip:
             for name in names:
                 skipped[f"{view.name}.{name}"] = tuple(view.linears[name].weight.shape)
+                view.settled.add(name)
             continue
         before = len(view.records)
         (method if rule is None else methods[rule.index]).quantize_block(
@@ -478,7 +515,15 @@ def quantize_model(
         block, block_start, first_record = blocks[index], time.perf_counter(), len(records)
         with _on_device([block], device):
             view = DecoderBlockView(index, f"{arch.blocks}.{index}", block, arch, inputs)
-            view.keep_residuals = activations is None
+            observers = None
+            if activations is not None:
+                skip_here = {name for rule, names in segments(rules, view.name, list(view.linears))
+                             if rule is not None and rule.skip for name in names} if rules else set()
+                observers = BlockObservers(view, [n for n in view.linears if n not in skip_here], activations)
+                if method.final_inputs_on_passes:
+                    view.observers = observers  # they ride on the method's passes where they can
+                else:
+                    view.keep_residuals = False  # the output pass runs the whole block for them
             start = time.perf_counter()
             float_outputs = view.outputs() if inputs is not None and method.propagation == "float" else None
             forward_s += time.perf_counter() - start
@@ -492,17 +537,18 @@ def quantize_model(
             missing -= {name.removeprefix(view.name + ".") for name in skipped}
             if method.quantizes_weights and missing:
                 raise RuntimeError(f"method {method.name!r} left {sorted(missing)} of {view.name} unquantized")
-            observers = None
-            if activations is not None:
-                targets = [name for name in view.linears if f"{view.name}.{name}" not in skipped]
-                observers = BlockObservers(view, targets, activations)
+            view.observers = None  # the inputs still unobserved see the output pass
+            unobserved = observers.unfed() if observers is not None else []
             start = time.perf_counter()
             if float_outputs is not None:
-                if observers is not None:  # the float forward ran before the method: one more, quantized
-                    view.run(hooks=observers.hooks())
+                if unobserved:  # the float forward ran before the method: one more, quantized
+                    view.run(hooks=observers.hooks(unobserved))
+                    observers.mark_fed(unobserved, len(inputs.hidden), on="extra_forward")
                 inputs.hidden = float_outputs
             elif inputs is not None:
-                view.advance_in_place(observers.hooks() if observers is not None else None)
+                view.advance_in_place(observers.hooks(unobserved) if unobserved else None)
+                if unobserved:
+                    observers.mark_fed(unobserved, len(inputs.hidden), on="output_pass")
             forward_s += time.perf_counter() - start
             if observers is not None:
                 act_ranges.update(observers.ranges(view.name))

@@ -12,11 +12,14 @@ import torch
 
 from quantlab.experiments.run import activations
 from quantlab.experiments.run.activations import StaticCalibration
+from quantlab.experiments.run.module_rules import parse_rules
 from quantlab.experiments.run.pipeline import quantize_model
 from quantlab.experiments.run.schema import ActConfig, ObserverConfig
 from quantlab.kernels.activations import INPUT_QUANTIZER
 from quantlab.methods.gptq import GPTQ, GPTQConfig
 from quantlab.methods.rtn import RTN, RTNConfig
+from quantlab.methods.slim_llm import SliMLLM, SliMLLMConfig
+from quantlab.methods.vptq import VPTQ, VPTQConfig
 from tests.conftest import _load, run_quantlab
 from tests.experiments.store.test_shared_inputs import private_cache
 
@@ -61,6 +64,87 @@ def test_static_ranges_are_the_min_max_of_the_quantized_models_linear_inputs():
     q, k = report.act_ranges["model.layers.0.self_attn.q_proj"], report.act_ranges["model.layers.0.self_attn.k_proj"]
     assert q == k and q["input_of"] == "model.layers.0.self_attn.q_proj"  # one observer per distinct input
     assert report.seconds["observer_s"] > 0
+
+
+def _attention_calls(model, arch) -> list[int]:
+    """A counter of every block's attention calls (each one a block forward that got past it)."""
+    counts = [0]
+    for block in arch.block_list(model):
+        block.self_attn.register_forward_pre_hook(lambda *_: counts.__setitem__(0, counts[0] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("method, rule_items", [
+    (GPTQ(GPTQConfig(bits=3, group_size=32)), None),                               # true-sequential
+    (GPTQ(GPTQConfig(bits=3, group_size=32, true_sequential=False)), None),        # one pass for all
+    (GPTQ(GPTQConfig(bits=3, group_size=32)), [{"match": "o_proj", "skip": True}, {"match": "mlp", "bits": 4}]),
+    (SliMLLM(SliMLLMConfig(bits=2, group_size=32)), None),                         # one-pass statistics
+    (VPTQ(VPTQConfig(vector_len=4, centroids=16, residual_centroids=0, kmeans_iters=2)), None),       # float propagation
+], ids=["gptq", "gptq-one-pass", "gptq-rules", "slim_llm", "vptq"])
+def test_observers_riding_on_the_methods_passes_see_the_quantized_models_inputs(method, rule_items):
+    """Where GPTQ's passes carry the observers, every range is still the min / max of the quantized
+    model's linear inputs (quantized propagation: a plain forward of the result; float: each block
+    on full-precision inputs), and inputs that no pass reached final fall back to the output pass."""
+    loaded, plain = _load("tiny-llama"), _load("tiny-llama")
+    model, arch = loaded.model, loaded.architecture
+    calib = _calib(model.config.vocab_size)
+    rules = parse_rules(rule_items, method.name, method.config) if rule_items else None
+    report = quantize_model(model, arch, method, calib, CPU, 2, progress=False, rules=rules,
+                            activations=StaticCalibration(STATIC, ObserverConfig("min_max")))
+    if method.propagation == "quantized":
+        expected = _linear_input_ranges(model, arch, calib, 2)
+    else:  # each quantized block on the full-precision model's block inputs
+        expected = _float_propagation_ranges(plain.model, model, arch, calib, 2)
+    skipped = {f"model.layers.{i}.self_attn.o_proj" for i in range(2)} if rule_items else set()
+    assert set(report.act_ranges) == set(expected) - skipped
+    for name, entry in report.act_ranges.items():
+        lo, hi = expected[name]
+        assert entry["lo"] == pytest.approx(lo, rel=1e-5, abs=1e-6) and entry["hi"] == pytest.approx(hi, rel=1e-5, abs=1e-6), name
+    seen_on = {name.split(".", 3)[-1]: entry["observed_on"] for name, entry in report.act_ranges.items()
+               if name.startswith("model.layers.0.")}
+    if method.name == "gptq" and method.config.true_sequential is not False:
+        assert set(seen_on.values()) == {"method_pass"}  # q/k/v on pass 1, o on 2, gate/up on 3, down on 4
+    else:  # one pass before any commit: only q/k/v's input (nothing runs before it) was final on it
+        fallback = "output_pass" if method.propagation == "quantized" else "extra_forward"
+        assert seen_on["self_attn.q_proj"] == "method_pass"
+        assert {v for k, v in seen_on.items() if not k.startswith("self_attn.") or k == "self_attn.o_proj"} == {fallback}
+
+
+def _float_propagation_ranges(fp_model, quantized, arch, ids, batch_size):
+    """min / max of each quantized block's linear inputs when it runs on the full-precision model's
+    block inputs (float propagation), via hooks moved block by block."""
+    fp_blocks, q_blocks = arch.block_list(fp_model), arch.block_list(quantized)
+    def shadow(q_block):
+        def hook(_module, args, kwargs, _output) -> None:  # returns None: the fp output goes on
+            q_block(*args, **kwargs)
+        return hook
+
+    for fp_block, q_block in zip(fp_blocks, q_blocks):
+        fp_block.register_forward_hook(shadow(q_block), with_kwargs=True)
+    seen: dict[str, list[torch.Tensor]] = {}
+    for index, block in enumerate(q_blocks):
+        for name, linear in arch.block_linears(block).items():
+            key = f"{arch.blocks}.{index}.{name}"
+            linear.register_forward_pre_hook(
+                lambda _m, args, _k=key: seen.setdefault(_k, []).append(torch.stack(torch.aminmax(args[0].float()))))
+    with torch.no_grad():
+        for chunk in ids.split(batch_size):
+            fp_model(input_ids=chunk, use_cache=False)
+    return {k: (float(torch.stack(v)[:, 0].min()), float(torch.stack(v)[:, 1].max())) for k, v in seen.items()}
+
+
+def test_riding_observers_add_no_block_forward_to_gptq():
+    """With true-sequential GPTQ every input is observed on GPTQ's own passes: the block forwards
+    (attention calls) are those of a weight-only run, and the output pass keeps its shortcut."""
+    calls = {}
+    for observed in (False, True):
+        loaded = _load("tiny-llama")
+        counter = _attention_calls(loaded.model, loaded.architecture)
+        calib = _calib(loaded.model.config.vocab_size)
+        quantize_model(loaded.model, loaded.architecture, GPTQ(GPTQConfig(bits=4, group_size=32)), calib, CPU, 2,
+                       progress=False, activations=StaticCalibration(STATIC, ObserverConfig("mse")) if observed else None)
+        calls[observed] = counter[0]
+    assert calls[True] == calls[False] > 0
 
 
 def test_observing_leaves_the_weights_as_a_plain_run_makes_them():
