@@ -22,9 +22,12 @@ the quantized block's outputs feed the next block (`propagation = "quantized"`).
    salience (>= 2 bits) or the sign binarization (1 bit).
 
 Cost: the search needs every linear's inputs again once the Hessians are known. By default
-(`search_inputs="stored"`) the Hessian pass keeps them (memory: tokens x the sum of the block's
-distinct input widths x the activation size; computed: 0.86 GB per SmolLM2 block at 128 x 512 in fp32);
-`"recomputed"` runs the reference's extra pass instead (same tensors, same bits). Then each linear scores
+(`search_inputs="stored"`) the Hessian pass keeps them, and the outputs of the linears it computes
+(all but those reading the last input it needs, down_proj's: their Y is recomputed from the kept
+input), as the reference's hook hands the search the layer's `out` (memory: tokens x the sum of
+the block's distinct input widths and of those output widths x the activation size; computed: 0.86 GB
+of inputs and 1.21 GB of outputs per SmolLM2 block at 128 x 512 in fp32); `"recomputed"` runs the
+reference's extra pass instead (same tensors, same bits, inputs and outputs seen on the way). Then each linear scores
 floor(G_n / 2) - 1 candidates per sequence: one full product X W_1^T, then two group-wide updates per
 further k (KLSearch; the reference runs a full product per candidate), a softmax and a KL each (plus 3
 round-to-nearest passes over W), recorded per layer as search_seconds beside hessian_seconds and
@@ -41,6 +44,8 @@ writes the files of `method.allocation` / `method.save_allocation`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -187,6 +192,20 @@ def output_kl(logits: torch.Tensor, log_p_true: torch.Tensor) -> float:
     return float((p_quant * p_quant.log() - p_quant * log_p_true).sum())
 
 
+@contextmanager
+def _on_output(block: BlockView, calls: dict[str, Callable[[torch.Tensor, torch.Tensor], None]]):
+    """While open, each named linear's forward calls `calls[name](input, output)`."""
+    def forward_hook(call: Callable[[torch.Tensor, torch.Tensor], None]):
+        return lambda _module, args, output: call(args[0], output)
+
+    handles = [block.linears[n].register_forward_hook(forward_hook(call)) for n, call in calls.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class KLSearch:
     """The candidates of one linear and their KL per calibration sequence (fed by a hook).
 
@@ -199,8 +218,9 @@ class KLSearch:
     literal transcription of the reference loop, with the same argmin)."""
 
     def __init__(self, linear: torch.nn.Linear, salience: torch.Tensor, bits: int, group_size: int) -> None:
-        self.weight = linear.weight.detach().float()
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.native_weight = linear.weight.detach()
+        self.native_bias = None if linear.bias is None else linear.bias.detach()
+        self.weight = self.native_weight.float()
         n_groups = salience.numel()
         self.ks = list(range(1, n_groups // 2))  # the reference's range(1, max_round)
         # With one candidate (G_n = 4 or 5 groups: SmolLM2's 576-wide inputs at g128) k = 1 is
@@ -229,14 +249,20 @@ class KLSearch:
             out.append((s, e, (self.rtn[b][:, s:e] - self.rtn[self.bits][:, s:e]).T.contiguous()))
         return out
 
-    def add(self, inputs: torch.Tensor) -> None:
+    def add(self, inputs: torch.Tensor, outputs: torch.Tensor | None = None) -> None:
+        """Score one chunk of sequences. `outputs`: the linear's own output on `inputs`, when the
+        block's pass computed it (it saves recomputing Y, a full product per sequence)."""
         if not self.scored:
             return
+        if outputs is None:  # what the layer's forward computes, in its dtype
+            outputs = F.linear(inputs.detach(), self.native_weight, self.native_bias)
         xs = inputs.detach().float().reshape(-1, inputs.shape[-2], inputs.shape[-1])
-        # One sequence at a time (the reference averages per-sample errors); Y is the layer's true
-        # output, bias included; the quantized side has none (output_kl).
-        for x in xs:
-            log_p_true = torch.log(F.softmax(F.linear(x, self.weight, self.bias), dim=-1).clamp(min=KL_CLAMP))
+        ys = outputs.detach().float().reshape(xs.shape[0], xs.shape[1], -1)
+        # One sequence at a time (the reference averages per-sample errors); Y is the layer's
+        # output as the block's forward computes it (the reference's hook `out`), bias included;
+        # the quantized side has none (output_kl).
+        for x, y_true in zip(xs, ys):
+            log_p_true = torch.log(F.softmax(y_true, dim=-1).clamp(min=KL_CLAMP))
             y = x @ self.first
             errors = [output_kl(y, log_p_true)]
             for moves in self.deltas:
@@ -461,7 +487,10 @@ class SliMLLM(Method):
             start = time.perf_counter()
             stored = search_pass and cfg.search_inputs == "stored"
             kept: dict[str, list[torch.Tensor]] | None = {} if stored else None
-            accumulators, _ = collect_hessians(block, names, last_pass=not search_pass or stored, keep_inputs=kept)
+            outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names} if stored else {}
+            keep_output = {n: (lambda _x, y, _kept=outputs[n]: _kept.append(y.detach().clone())) for n in outputs}
+            with _on_output(block, keep_output):
+                accumulators, _ = collect_hessians(block, names, last_pass=not search_pass or stored, keep_inputs=kept)
             _sync(block.linears[names[0]].weight.device)
             hessian_seconds = (time.perf_counter() - start) / len(names)
             hessians = {n: accumulators[n].hessian for n in names}
@@ -475,11 +504,15 @@ class SliMLLM(Method):
                     searches[n] = KLSearch(block.linears[n], salience, cfg.bits, cfg.group_size)
                 if kept is not None:  # the very tensors the recomputing pass would see, in its order
                     for n, search in searches.items():
-                        for chunk in kept[n]:
-                            search.add(chunk)
+                        # the pass stopped at the last input: the linears after it have no output
+                        ys = outputs[n] if len(outputs[n]) == len(kept[n]) else [None] * len(kept[n])
+                        for chunk, y in zip(kept[n], ys):
+                            search.add(chunk, y)
                     kept.clear()
+                    outputs.clear()
                 elif search_pass:
-                    block.run(hooks={n: s.add for n, s in searches.items()}, last_pass=True)
+                    with _on_output(block, {n: s.add for n, s in searches.items()}):
+                        block.run(last_pass=True)
                 _sync(block.linears[names[0]].weight.device)
                 search_seconds = (time.perf_counter() - start) / len(names)
             for n in names:

@@ -376,14 +376,32 @@ def test_stored_search_inputs_give_the_recomputing_pass_bits():
     the same tensors in the same order, so the same KL curves, allocations and weights."""
     from tests.methods.conftest import FakeBlockView
 
-    blocks = {}
+    from quantlab.methods import slim_llm
+
+    blocks, given = {}, {}
+    add = slim_llm.KLSearch.add
     for mode in ("stored", "recomputed"):
         torch.manual_seed(0)
         module = TinyBlock(hidden=64, intermediate=96)
         block = FakeBlockView(module, correlated_inputs(4 * 12, 64, 1).reshape(4, 12, 64), batch_size=2)
-        SliMLLM(SliMLLMConfig(bits=2, group_size=8, search_inputs=mode)).quantize_block(block)
+        names = {linear.weight.data_ptr(): name for name, linear in block.linears.items()}
+        given[mode] = {}
+
+        def spy(search, inputs, outputs=None, _given=given[mode], _names=names):
+            _given.setdefault(_names[search.native_weight.data_ptr()], []).append(outputs is not None)
+            add(search, inputs, outputs)
+
+        slim_llm.KLSearch.add = spy
+        try:
+            SliMLLM(SliMLLMConfig(bits=2, group_size=8, search_inputs=mode)).quantize_block(block)
+        finally:
+            slim_llm.KLSearch.add = add
         blocks[mode] = block
     assert blocks["recomputed"].runs == ["down", None] and blocks["stored"].runs == ["down"]
+    # the forward's own outputs reach the search (the reference's `out`); the stored pass stops at
+    # down's input, so down's Y alone is recomputed
+    assert given["recomputed"] == dict.fromkeys(blocks["stored"].linears, [True, True])
+    assert given["stored"] == {**dict.fromkeys(blocks["stored"].linears, [True, True]), "down": [False, False]}
     for name, record in blocks["stored"].records.items():
         other = blocks["recomputed"].records[name]
         assert record["kl_curve"] == other["kl_curve"] and record["allocation"] == other["allocation"], name
