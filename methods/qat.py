@@ -33,6 +33,7 @@ on the CPU). With lr = 0 the result is the init's, bit for bit.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -46,6 +47,8 @@ from quantlab.kernels import UniformWeight
 from quantlab.kernels.grid import fake_quantize_ste, quantize
 from quantlab.methods.base import ConfigError, Method, MethodConfig, get_method_class, register
 from quantlab.methods.block import BlockView
+
+log = logging.getLogger(__name__)
 
 INITS = ("rtn", "gptq", "awq")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -266,6 +269,7 @@ class QAT(Method):
             q.attach()
         try:
             loss_init = mean_loss(loss_fn, sequences, config.batch_size)  # the init's weights, exactly
+            train_start = time.perf_counter()
             with torch.enable_grad():
                 for step, batch in enumerate(batch_order(len(sequences), config.batch_size, config.steps, config.seed)):
                     rate = learning_rate(step, config.steps, config.lr, config.schedule)
@@ -277,6 +281,9 @@ class QAT(Method):
                     optimizer.step()
                     tokens += sequences[batch].numel()
                     curve.append([step + 1, loss.item(), rate])
+                    if (step + 1) % max(1, config.steps // 10) == 0 or step + 1 == config.steps:
+                        log.info("qat: step %d/%d, loss %.4f (init %.4f), lr %.3g, %.1f s/step", step + 1, config.steps,
+                                 curve[-1][1], loss_init, rate, (time.perf_counter() - train_start) / (step + 1))
         finally:
             for q in trained.values():
                 q.detach()
