@@ -374,9 +374,8 @@ def test_block_search_average_width_is_exactly_n_in_every_layer(bits):
 def test_stored_search_inputs_give_the_recomputing_pass_bits():
     """search_inputs=stored keeps the Hessian pass's inputs instead of the reference's second pass:
     the same tensors in the same order, so the same KL curves, allocations and weights."""
-    from tests.methods.conftest import FakeBlockView
-
     from quantlab.methods import slim_llm
+    from tests.methods.conftest import FakeBlockView
 
     blocks, given = {}, {}
     add = slim_llm.KLSearch.add
