@@ -28,7 +28,7 @@ input), as the reference's hook hands the search the layer's `out` (memory: toke
 the block's distinct input widths and of those output widths x the activation size; computed: 0.86 GB
 of inputs and 1.21 GB of outputs per SmolLM2 block at 128 x 512 in fp32); `"recomputed"` runs the
 reference's extra pass instead (same tensors, same bits, inputs and outputs seen on the way). Then each linear scores
-floor(G_n / 2) - 1 candidates per sequence: one full product X W_1^T, then two group-wide updates per
+floor(G_n / 2) - 1 candidates per sequence: one full product X W_1^T, then one two-group update per
 further k (KLSearch; the reference runs a full product per candidate), a softmax and a KL each (plus 3
 round-to-nearest passes over W), recorded per layer as search_seconds beside hessian_seconds and
 solver_seconds. SQC tries 101
@@ -43,6 +43,7 @@ writes the files of `method.allocation` / `method.save_allocation`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -71,6 +72,7 @@ SQC_RANGE, SQC_STEPS = 0.1, 50  # slim:utils/mixed_quantizer.py: p in 1 +- 0.1, 
 SQC_NORM = 2.4
 OUTLIER_Z = 2.0  # slim:utils/salient_mask.py: salient elements from |z-score| > 2
 KL_CLAMP = 1e-6  # slim:utils/reconstruct.py kl_div: probabilities clamped before the log
+LOG_KL_CLAMP = math.log(KL_CLAMP)
 
 
 @dataclass
@@ -186,10 +188,12 @@ def output_kl(logits: torch.Tensor, log_p_true: torch.Tensor) -> float:
     """KL(softmax(X W_k^T) || softmax(Y)) over output channels, summed over tokens (the reference's
     'batchmean' divides by the leading 1 of Y's [1, T, C_out]); both clamped at 1e-6, unrenormalized.
     The quantized side has no bias while Y has it (quirk kept: bias-free LLaMA is unaffected)."""
-    p_quant = F.softmax(logits, dim=-1).clamp_(min=KL_CLAMP)
-    # F.kl_div(log_p_true, p_quant, reduction="sum") term for term (p_quant > 0, so its xlogy is a
-    # plain p log p), without xlogy's zero handling, which cost a quarter of the search
-    return float((p_quant * p_quant.log() - p_quant * log_p_true).sum())
+    # F.kl_div(log_p_true, p_quant, reduction="sum") term for term: sum p (log p - log p_true), with
+    # p = max(softmax, 1e-6), so log p = max(log_softmax, log 1e-6) (one exp and no log per element;
+    # p > 0, so xlogy's zero handling, a quarter of the search, is not needed)
+    log_p = F.log_softmax(logits, dim=-1).clamp_(min=LOG_KL_CLAMP)
+    p_quant = log_p.exp()
+    return float(torch.dot(p_quant.view(-1), log_p.sub_(log_p_true).view(-1)))
 
 
 @contextmanager
@@ -212,8 +216,8 @@ class KLSearch:
     The products X W_k^T are built incrementally: W_{k+1} differs from W_k in two groups only (the
     (k+1)-th least salient moves from N to N-1 bits, the (k+1)-th most salient from N to N+1), so
     X W_{k+1}^T = X W_k^T + X_g (R_{N-1} - R_N)_g^T + X_h (R_{N+1} - R_N)_h^T, one full product for
-    k = 1 and two group-wide ones per further k (2 G / C_in of a full one each) instead of a full
-    product per candidate. Exact in real arithmetic; in float the sums are ordered differently from
+    k = 1 and one update of 2 G columns per further k (the two groups' input columns side by side:
+    2 G / C_in of a full product, one pass over the output) instead of a full product per candidate. Exact in real arithmetic; in float the sums are ordered differently from
     the reference's (which runs in fp16): the KL values agree to float32 rounding (tested against a
     literal transcription of the reference loop, with the same argmin)."""
 
@@ -241,13 +245,15 @@ class KLSearch:
             W[:, s:e] = self.rtn[b][:, s:e]
         return W
 
-    def moves(self, k: int) -> list[tuple[int, int, torch.Tensor]]:
-        """The two groups that change from candidate k - 1 to k: (start, end, (R_b - R_N)^T)."""
-        out = []
+    def moves(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two groups that change from candidate k - 1 to k, as one update: (their input
+        columns, (R_b - R_N)^T over those columns, stacked)."""
+        columns, deltas = [], []
         for g, b in ((self.order[k - 1], self.bits - 1), (self.order[-k], self.bits + 1)):
             s, e = self.bounds[g]
-            out.append((s, e, (self.rtn[b][:, s:e] - self.rtn[self.bits][:, s:e]).T.contiguous()))
-        return out
+            columns.append(torch.arange(s, e, device=self.weight.device))
+            deltas.append((self.rtn[b][:, s:e] - self.rtn[self.bits][:, s:e]).T)
+        return torch.cat(columns), torch.cat(deltas).contiguous()
 
     def add(self, inputs: torch.Tensor, outputs: torch.Tensor | None = None) -> None:
         """Score one chunk of sequences. `outputs`: the linear's own output on `inputs`, when the
@@ -265,9 +271,8 @@ class KLSearch:
             log_p_true = torch.log(F.softmax(y_true, dim=-1).clamp(min=KL_CLAMP))
             y = x @ self.first
             errors = [output_kl(y, log_p_true)]
-            for moves in self.deltas:
-                for s, e, d in moves:
-                    y.addmm_(x[:, s:e], d)
+            for columns, delta in self.deltas:
+                y.addmm_(x.index_select(1, columns), delta)
                 errors.append(output_kl(y, log_p_true))
             self.errors.append(errors)
 
@@ -487,8 +492,10 @@ class SliMLLM(Method):
             start = time.perf_counter()
             stored = search_pass and cfg.search_inputs == "stored"
             kept: dict[str, list[torch.Tensor]] | None = {} if stored else None
-            outputs: dict[str, list[torch.Tensor]] = {n: [] for n in names} if stored else {}
-            keep_output = {n: (lambda _x, y, _kept=outputs[n]: _kept.append(y.detach().clone())) for n in outputs}
+            outputs: dict[str, list[tuple[torch.Tensor, int]]] = {n: [] for n in names} if stored else {}
+            # each output with its version counter: a block that later changed it in place (no
+            # adapter's does) is caught, and that chunk's Y recomputed, instead of a copy per output
+            keep_output = {n: (lambda _x, y, _kept=outputs[n]: _kept.append((y, y._version))) for n in outputs}
             with _on_output(block, keep_output):
                 accumulators, _ = collect_hessians(block, names, last_pass=not search_pass or stored, keep_inputs=kept)
             _sync(block.linears[names[0]].weight.device)
@@ -505,7 +512,8 @@ class SliMLLM(Method):
                 if kept is not None:  # the very tensors the recomputing pass would see, in its order
                     for n, search in searches.items():
                         # the pass stopped at the last input: the linears after it have no output
-                        ys = outputs[n] if len(outputs[n]) == len(kept[n]) else [None] * len(kept[n])
+                        ys = ([y if y._version == version else None for y, version in outputs[n]]
+                              if len(outputs[n]) == len(kept[n]) else [None] * len(kept[n]))
                         for chunk, y in zip(kept[n], ys):
                             search.add(chunk, y)
                     kept.clear()

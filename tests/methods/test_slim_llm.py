@@ -407,6 +407,27 @@ def test_stored_search_inputs_give_the_recomputing_pass_bits():
         assert torch.equal(record["qweight"].dequantize(), other["qweight"].dequantize()), name
 
 
+def test_a_stored_output_changed_in_place_is_recomputed():
+    """The stored search keeps each linear's output without a copy; a block that changes one in
+    place afterwards (here: up's output, scaled) must not hand the search the changed tensor."""
+    from tests.methods.conftest import FakeBlockView
+
+    class InPlaceBlock(TinyBlock):
+        def forward(self, x):
+            attn = self.q(x) * torch.sigmoid(self.k(x)) + self.v(x)
+            h = x + self.o(attn)
+            return h + self.down(F.silu(self.gate(h)) * self.up(h).mul_(3.0))
+
+    records = {}
+    for mode in ("stored", "recomputed"):  # recomputed: the search sees up's output inside its hook
+        torch.manual_seed(0)
+        block = FakeBlockView(InPlaceBlock(hidden=64, intermediate=96),
+                              correlated_inputs(4 * 12, 64, 1).reshape(4, 12, 64), batch_size=2)
+        SliMLLM(SliMLLMConfig(bits=2, group_size=8, search_inputs=mode)).quantize_block(block)
+        records[mode] = block.records
+    assert records["stored"]["up"]["kl_curve"] == records["recomputed"]["up"]["kl_curve"]
+
+
 def test_a_given_allocation_skips_the_search(make_block):
     block = make_block(seed=2)
     table = {0: {name: [2, 4, 3, 3][: len(range(0, lin.in_features, 8))] for name, lin in block.linears.items()}}
