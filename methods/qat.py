@@ -153,6 +153,17 @@ class FakeQuantLinear:
         del self.linear.forward  # the class's forward again
 
     @torch.no_grad()
+    def drift(self) -> dict[str, float]:
+        """How far training moved this linear from its init: the latent weights in grid steps of
+        the init's scales (max and mean |W - W_0| / s_0; a code flips past 0.5 at fixed scales) and
+        the scales (mean |s / s_0 - 1|; 0 without learn_scales)."""
+        s0 = self.fmt.scales.float().to(self.scale.device)
+        w0 = self.fmt.dequantize(torch.float32).to(self.linear.weight.device)
+        steps = (self.linear.weight.detach().float() - w0).abs_().div_(s0[:, self.index].clamp(min=torch.finfo(torch.float32).tiny))
+        return {"latent_shift_steps_max": float(steps.max()), "latent_shift_steps_mean": float(steps.mean()),
+                "scale_change_mean": float((self.scale.detach() / s0 - 1).abs().mean())}
+
+    @torch.no_grad()
     def final_format(self) -> UniformWeight:
         """The grid's codes of the trained W with the trained scales; the linear's weight becomes
         their dequantized values (what evaluation runs)."""
@@ -291,9 +302,10 @@ class QAT(Method):
                 parameter.requires_grad_(False)
         final = {}
         for name, q in trained.items():
+            drift = q.drift()
             final[name] = q.final_format()
             final[name].info["qat"] = {"codes_changed": float((final[name].codes != formats[name].codes).float().mean()),
-                                       "init": config.init}
+                                       "init": config.init, **drift}
         loss_final = mean_loss(loss_fn, sequences, config.batch_size)  # the committed grid weights
         record = {"method": self.name, "init": config.init, "steps": config.steps, "tokens_seen": tokens,
                   "seconds": time.perf_counter() - start, "curve_columns": ["step", "loss", "lr"], "curve": curve,

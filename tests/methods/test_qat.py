@@ -137,6 +137,9 @@ def test_lr_zero_reproduces_rtn_bit_for_bit(learn_scales):
         assert torch.equal(qat_model.model.get_submodule(name).weight, rtn_model.model.get_submodule(name).weight)
     assert qat.avg_bits == rtn.avg_bits
     assert qat.fine_tune["calib_loss_final"] == qat.fine_tune["calib_loss_init"]
+    for layer in qat.layers:  # nothing moved, and the record says so
+        info = layer.info["qat"]
+        assert info["latent_shift_steps_max"] == info["scale_change_mean"] == info["codes_changed"] == 0
 
 
 @pytest.mark.parametrize(("fixture", "options"), [
@@ -165,7 +168,14 @@ def test_a_few_steps_lower_the_calibration_loss_and_end_on_the_grid(fixture, opt
         assert torch.equal(tiny_llama.model.get_submodule(layer.name).weight, rebuilt)
         assert layer.storage_bits == fmt.storage_bits() and layer.info["qat"]["init"] == "rtn"
         assert layer.bits_per_weight == fmt.bits_per_weight()
-        changed += layer.info["qat"]["codes_changed"]
+        info = layer.info["qat"]
+        changed += info["codes_changed"]
+        # the drift record: latents moved (Adam / SGD at this lr), scales only when they train,
+        # and no code can flip while every latent stays within half a step at fixed scales
+        assert 0 < info["latent_shift_steps_mean"] <= info["latent_shift_steps_max"]
+        assert (info["scale_change_mean"] > 0) == bool(options.get("learn_scales"))
+        if info["scale_change_mean"] == 0 and info["latent_shift_steps_max"] < 0.5:
+            assert info["codes_changed"] == 0
     assert changed > 0
     assert torch.equal(tiny_llama.model.get_input_embeddings().weight, embeddings)  # frozen
     assert [p.requires_grad for p in tiny_llama.model.parameters()] == flags  # restored as loaded
