@@ -226,6 +226,8 @@ def loss_plot(curves: pd.DataFrame, out: Path | str | None = None) -> Figure:
     for i, ((_, _), entry) in enumerate(curves.groupby(["run_dir", "entry_index"], sort=False)):
         first = entry.iloc[0]
         label = f"{first['name'] or first['method']}: {first['method']} {_point_label(first)}"
+        if isinstance(first.get("method_options"), str) and first["method_options"]:
+            label += f" ({first['method_options']})"  # what tells two runs of one setting apart
         ax.plot(entry["step"], entry["loss"], color=f"C{i % 10}", label=label)
         rate_axis.plot(entry["step"], entry["lr"], color=f"C{i % 10}", linestyle=":", alpha=0.6)
     ax.set_xlabel("training step")

@@ -282,7 +282,7 @@ def layer_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-ENTRY_KEYS = ("run_dir", "entry_index", "name", "model", "method", "bits", "group_size", "avg_bits")
+ENTRY_KEYS = ("run_dir", "entry_index", "name", "model", "method", "method_options", "bits", "group_size", "avg_bits")
 
 
 def _entry_rows(runs: pd.DataFrame, rows_of: Any) -> pd.DataFrame:

@@ -44,6 +44,7 @@ def test_a_qat_run_records_its_loss_curve_and_the_report_plots_it(tmp_path, data
     assert list(curves["step"]) == [1, 2, 3, 4, 5] and list(curves["loss"]) == [row[1] for row in fine_tune["curve"]]
     figure = loss_plot(curves)
     assert list(figure.axes[0].lines[0].get_ydata()) == list(curves["loss"])
+    assert "steps=5" in figure.axes[0].lines[0].get_label()  # the knobs that tell runs apart
     assert report_main([str(tmp_path / "run"), "--plot", "loss", str(tmp_path / "loss.png")]) == 0
     assert (tmp_path / "loss.png").stat().st_size > 0
 
