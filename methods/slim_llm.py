@@ -200,7 +200,9 @@ def output_kl(logits: torch.Tensor, log_p_true: torch.Tensor) -> float:
 def _on_output(block: BlockView, calls: dict[str, Callable[[torch.Tensor, torch.Tensor], None]]):
     """While open, each named linear's forward calls `calls[name](input, output)`."""
     def forward_hook(call: Callable[[torch.Tensor, torch.Tensor], None]):
-        return lambda _module, args, output: call(args[0], output)
+        def hook(_module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            call(args[0], output)  # returns None: the forward's output goes on unchanged
+        return hook
 
     handles = [block.linears[n].register_forward_hook(forward_hook(call)) for n, call in calls.items()]
     try:
