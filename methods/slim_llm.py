@@ -23,10 +23,11 @@ the quantized block's outputs feed the next block (`propagation = "quantized"`).
 
 Cost: the search needs every linear's inputs again once the Hessians are known. By default
 (`search_inputs="stored"`) the Hessian pass keeps them, and the outputs of the linears it computes
-(all but those reading the last input it needs, down_proj's: their Y is recomputed from the kept
-input), as the reference's hook hands the search the layer's `out` (memory: tokens x the sum of
-the block's distinct input widths and of those output widths x the activation size; computed: 0.86 GB
-of inputs and 1.21 GB of outputs per SmolLM2 block at 128 x 512 in fp32); `"recomputed"` runs the
+of the searched linears it computes (not those reading the last input it needs, down_proj's:
+their Y is recomputed from the kept input), as the reference's hook hands the search the layer's
+`out` (memory: tokens x the sum of the block's distinct input widths and of those output widths x
+the activation size; computed for SmolLM2 at 128 x 512 in fp32: 0.86 GB of inputs per block, and
+1.21 GB of outputs at g64, none at g128, where only down_proj is searched); `"recomputed"` runs the
 reference's extra pass instead (same tensors, same bits, inputs and outputs seen on the way). Then each linear scores
 floor(G_n / 2) - 1 candidates per sequence: one full product X W_1^T, then one two-group update per
 further k (KLSearch; the reference runs a full product per candidate), a softmax and a KL each (plus 3
@@ -212,6 +213,14 @@ def _on_output(block: BlockView, calls: dict[str, Callable[[torch.Tensor, torch.
             handle.remove()
 
 
+def scores_candidates(n_groups: int) -> bool:
+    """Whether a linear with `n_groups` groups has k candidates to score: k runs over
+    1 .. G_n // 2 - 1, so G_n >= 6. With one candidate (G_n = 4 or 5: SmolLM2's 576-wide inputs
+    at g128) k = 1 is forced; the reference still scores it, which changes nothing but costs a
+    pass: skipped."""
+    return n_groups // 2 - 1 >= 2
+
+
 class KLSearch:
     """The candidates of one linear and their KL per calibration sequence (fed by a hook).
 
@@ -219,8 +228,9 @@ class KLSearch:
     (k+1)-th least salient moves from N to N-1 bits, the (k+1)-th most salient from N to N+1), so
     X W_{k+1}^T = X W_k^T + X_g (R_{N-1} - R_N)_g^T + X_h (R_{N+1} - R_N)_h^T, one full product for
     k = 1 and one update of 2 G columns per further k (the two groups' input columns side by side:
-    2 G / C_in of a full product, one pass over the output) instead of a full product per candidate. Exact in real arithmetic; in float the sums are ordered differently from
-    the reference's (which runs in fp16): the KL values agree to float32 rounding (tested against a
+    2 G / C_in of a full product, one pass over the output) instead of a full product per
+    candidate. Exact in real arithmetic; in float the sums are ordered differently from the
+    reference's (which runs in fp16): the KL values agree to float32 rounding (tested against a
     literal transcription of the reference loop, with the same argmin)."""
 
     def __init__(self, linear: torch.nn.Linear, salience: torch.Tensor, bits: int, group_size: int) -> None:
@@ -229,9 +239,7 @@ class KLSearch:
         self.weight = self.native_weight.float()
         n_groups = salience.numel()
         self.ks = list(range(1, n_groups // 2))  # the reference's range(1, max_round)
-        # With one candidate (G_n = 4 or 5 groups: SmolLM2's 576-wide inputs at g128) k = 1 is
-        # forced; the reference still scores it, which changes nothing but costs a pass: skipped.
-        self.scored = len(self.ks) >= 2
+        self.scored = scores_candidates(n_groups)
         self.bits = bits
         self.bounds = group_bounds(self.weight.shape[1], group_size)
         self.order = torch.argsort(salience, stable=True).tolist()  # widths_for's order
@@ -484,19 +492,18 @@ class SliMLLM(Method):
             missing = [n for n in names if preset is None or n not in preset]
             if missing:
                 raise ConfigError(f"{block.name}: the allocation has no widths for {', '.join(missing)}")
-        # The KL search scores candidates where G_n >= 6 groups give two or more (k runs over
-        # 1 .. G_n // 2 - 1; with G_n = 4 or 5, k = 1 is forced, KLSearch above).
         searching = preset is None and cfg.n_moved is None
-        search_pass = searching and any(
-            len(group_bounds(block.linears[n].in_features, cfg.group_size)) >= 6 for n in names
-        )
+        scored = [n for n in names if searching
+                  and scores_candidates(len(group_bounds(block.linears[n].in_features, cfg.group_size)))]
+        search_pass = bool(scored)
         with tf32_disabled():
             start = time.perf_counter()
             stored = search_pass and cfg.search_inputs == "stored"
             kept: dict[str, list[torch.Tensor]] | None = {} if stored else None
-            outputs: dict[str, list[tuple[torch.Tensor, int]]] = {n: [] for n in names} if stored else {}
-            # each output with its version counter: a block that later changed it in place (no
-            # adapter's does) is caught, and that chunk's Y recomputed, instead of a copy per output
+            # the outputs of the linears whose candidates are scored (no others: they would only
+            # hold memory), each with its version counter: a block that later changed one in place
+            # (no adapter's does) is caught, and that chunk's Y recomputed, instead of a copy each
+            outputs: dict[str, list[tuple[torch.Tensor, int]]] = {n: [] for n in scored} if stored else {}
             keep_output = {n: (lambda _x, y, _kept=outputs[n]: _kept.append((y, y._version))) for n in outputs}
             with _on_output(block, keep_output):
                 accumulators, _ = collect_hessians(block, names, last_pass=not search_pass or stored, keep_inputs=kept)
@@ -514,14 +521,15 @@ class SliMLLM(Method):
                 if kept is not None:  # the very tensors the recomputing pass would see, in its order
                     for n, search in searches.items():
                         # the pass stopped at the last input: the linears after it have no output
-                        ys = ([y if y._version == version else None for y, version in outputs[n]]
-                              if len(outputs[n]) == len(kept[n]) else [None] * len(kept[n]))
+                        kept_y = outputs.get(n, [])
+                        ys = ([y if y._version == version else None for y, version in kept_y]
+                              if len(kept_y) == len(kept[n]) else [None] * len(kept[n]))
                         for chunk, y in zip(kept[n], ys):
                             search.add(chunk, y)
                     kept.clear()
                     outputs.clear()
                 elif search_pass:
-                    with _on_output(block, {n: s.add for n, s in searches.items()}):
+                    with _on_output(block, {n: searches[n].add for n in scored}):
                         block.run(last_pass=True)
                 _sync(block.linears[names[0]].weight.device)
                 search_seconds = (time.perf_counter() - start) / len(names)

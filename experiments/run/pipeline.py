@@ -235,13 +235,12 @@ class DecoderBlockView:
         self.formats: dict[str, WeightFormat] = {}
         self.arch = arch
         self.consumed = False  # a last_pass run replaced the inputs by mid-block residuals
-        # last_pass may swap inputs for mid-block residuals, unless the propagating forward must
-        # run the whole block (observers watch every linear's input on it)
-        self.keep_residuals = True
-        # static-range observers that ride on the method's own passes (a method whose
-        # final_inputs_on_passes holds): an input is observed on the first pass that reaches it
-        # once every linear before it is settled (committed, or skipped by a module rule)
+        # static-range observers of this block. With `ride_observers` (the method's
+        # final_inputs_on_passes) an input is observed on the first pass that reaches it once
+        # every linear before it is settled (committed, or skipped by a module rule). While an
+        # input is unobserved, last_pass keeps the inputs: the output pass must run the whole block.
         self.observers: BlockObservers | None = None
+        self.ride_observers = False
         self.settled: set[str] = set()
 
     def _require_inputs(self) -> BlockInputs:
@@ -279,9 +278,8 @@ class DecoderBlockView:
 
             handles.append(linear.register_forward_pre_hook(pre_hook))
         residuals: list[torch.Tensor] = []
-        keep_residual = last_pass and self.keep_residuals and self.arch.residual_checkpoint is not None and self.arch.finish_supported(self.block)
-        if self.observers is not None and set(self.observers.unfed()) - set(riding):
-            keep_residual = False  # an input is still unobserved: the output pass must run the whole block
+        keep_residual = (last_pass and self.arch.residual_checkpoint is not None and self.arch.finish_supported(self.block)
+                         and not (self.observers is not None and set(self.observers.unfed()) - set(riding)))
         if keep_residual:
             checkpoint = self.block.get_submodule(self.arch.residual_checkpoint)
             handles.append(checkpoint.register_forward_pre_hook(lambda _m, args: residuals.append(args[0])))
@@ -307,7 +305,7 @@ class DecoderBlockView:
     def _ready_observers(self, stop_after: str | None) -> dict[str, LinearHook]:
         """The observer hooks this pass can carry: those of the unobserved inputs that the pass
         reaches and that no unsettled linear runs before (execution order: `linears`)."""
-        if self.observers is None:
+        if self.observers is None or not self.ride_observers:
             return {}
         order = list(self.linears)
         reach = len(order) if stop_after is None else order.index(stop_after) + 1
@@ -349,7 +347,7 @@ class DecoderBlockView:
         outputs never both live in memory in full. `hooks` see the linears' inputs on the way
         (the block runs whole: not after a last_pass)."""
         if hooks:
-            assert not self.consumed, "hooks need the whole block: set keep_residuals=False"
+            assert not self.consumed, "hooks need the whole block: attach the observers before the last pass"
             handles = [self.linears[name].register_forward_pre_hook(lambda _m, args, _h=hook: _h(args[0]))
                        for name, hook in hooks.items()]
             try:
@@ -520,10 +518,7 @@ def quantize_model(
                 skip_here = {name for rule, names in segments(rules, view.name, list(view.linears))
                              if rule is not None and rule.skip for name in names} if rules else set()
                 observers = BlockObservers(view, [n for n in view.linears if n not in skip_here], activations)
-                if method.final_inputs_on_passes:
-                    view.observers = observers  # they ride on the method's passes where they can
-                else:
-                    view.keep_residuals = False  # the output pass runs the whole block for them
+                view.observers, view.ride_observers = observers, method.final_inputs_on_passes
             start = time.perf_counter()
             float_outputs = view.outputs() if inputs is not None and method.propagation == "float" else None
             forward_s += time.perf_counter() - start

@@ -374,27 +374,14 @@ def test_block_search_average_width_is_exactly_n_in_every_layer(bits):
 def test_stored_search_inputs_give_the_recomputing_pass_bits():
     """search_inputs=stored keeps the Hessian pass's inputs instead of the reference's second pass:
     the same tensors in the same order, so the same KL curves, allocations and weights."""
-    from quantlab.methods import slim_llm
     from tests.methods.conftest import FakeBlockView
 
     blocks, given = {}, {}
-    add = slim_llm.KLSearch.add
     for mode in ("stored", "recomputed"):
         torch.manual_seed(0)
         module = TinyBlock(hidden=64, intermediate=96)
         block = FakeBlockView(module, correlated_inputs(4 * 12, 64, 1).reshape(4, 12, 64), batch_size=2)
-        names = {linear.weight.data_ptr(): name for name, linear in block.linears.items()}
-        given[mode] = {}
-
-        def spy(search, inputs, outputs=None, _given=given[mode], _names=names):
-            _given.setdefault(_names[search.native_weight.data_ptr()], []).append(outputs is not None)
-            add(search, inputs, outputs)
-
-        slim_llm.KLSearch.add = spy
-        try:
-            SliMLLM(SliMLLMConfig(bits=2, group_size=8, search_inputs=mode)).quantize_block(block)
-        finally:
-            slim_llm.KLSearch.add = add
+        given[mode] = _outputs_given_to_the_search(block, SliMLLMConfig(bits=2, group_size=8, search_inputs=mode))
         blocks[mode] = block
     assert blocks["recomputed"].runs == ["down", None] and blocks["stored"].runs == ["down"]
     # the forward's own outputs reach the search (the reference's `out`); the stored pass stops at
@@ -405,6 +392,39 @@ def test_stored_search_inputs_give_the_recomputing_pass_bits():
         other = blocks["recomputed"].records[name]
         assert record["kl_curve"] == other["kl_curve"] and record["allocation"] == other["allocation"], name
         assert torch.equal(record["qweight"].dequantize(), other["qweight"].dequantize()), name
+
+
+def test_only_searched_linears_keep_their_outputs():
+    """At 4 groups per row (64 wide, g16) k = 1 is forced and nothing is scored: the stored pass
+    keeps no output for those linears (the search of down_proj, 96 wide: 6 groups, recomputes its
+    Y past the pass's stop)."""
+    from tests.methods.conftest import FakeBlockView
+
+    torch.manual_seed(0)
+    block = FakeBlockView(TinyBlock(hidden=64, intermediate=96), correlated_inputs(4 * 12, 64, 1).reshape(4, 12, 64),
+                          batch_size=2)
+    given = _outputs_given_to_the_search(block, SliMLLMConfig(bits=2, group_size=16))
+    assert given == dict.fromkeys(block.linears, [False, False])
+    assert block.records["down"]["kl_candidates"] == 2 and block.records["q"]["kl_curve"] == []
+
+
+def _outputs_given_to_the_search(block, config) -> dict[str, list[bool]]:
+    """Quantize `block`; per linear, whether each KLSearch.add call got the forward's output."""
+    from quantlab.methods import slim_llm
+
+    add, given = slim_llm.KLSearch.add, {}
+    names = {linear.weight.data_ptr(): name for name, linear in block.linears.items()}
+
+    def spy(search, inputs, outputs=None):
+        given.setdefault(names[search.native_weight.data_ptr()], []).append(outputs is not None)
+        add(search, inputs, outputs)
+
+    slim_llm.KLSearch.add = spy
+    try:
+        SliMLLM(config).quantize_block(block)
+    finally:
+        slim_llm.KLSearch.add = add
+    return given
 
 
 def test_a_stored_output_changed_in_place_is_recomputed():
